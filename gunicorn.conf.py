@@ -1,0 +1,47 @@
+"""gunicorn settings for nexus_gevent.
+
+Imported by the master before any monkey-patching: it must not import the
+service (see docs/design.md, "Boot order").
+"""
+
+import os
+
+_drain_timeout = float(os.environ.get("NEXUS_DRAIN_TIMEOUT", "20"))
+
+bind = os.environ.get("NEXUS_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "nexus_gevent.gunicorn_worker.NexusWorker"
+worker_connections = 1000
+# The drain must fit inside both: graceful_timeout bounds a SIGTERM'd worker, the
+# heartbeat timeout one leaving by itself (the drain also sends heartbeats).
+graceful_timeout = _drain_timeout + 10
+timeout = _drain_timeout + 10
+# Above nginx's upstream keepalive_timeout (60 s in deploy/nginx.conf), so nginx
+# never reuses a connection gunicorn has just closed ("upstream prematurely closed").
+keepalive = 75
+preload_app = False
+logger_class = "nexus_gevent.logs.GunicornLogger"
+accesslog = None
+control_socket_disable = True
+max_requests = int(os.environ.get("NEXUS_MAX_REQUESTS", "0"))
+max_requests_jitter = int(os.environ.get("NEXUS_MAX_REQUESTS_JITTER", "0"))
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Generate missing secrets once in the master, and say where they are."""
+    from nexus_gevent.config import load_settings
+
+    settings = load_settings()
+    for path in settings.generated_secrets:
+        server.log.info("bearer token file: %s (mode 0600)", path)
+
+
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    """Backstop for exits that skip the worker's own drain (SIGQUIT, SIGINT)."""
+    from nexus_gevent import lifecycle
+    from nexus_gevent.gunicorn_worker import drain_budget
+
+    service = lifecycle.current()
+    if service is not None:
+        lifecycle.begin_shutdown()
+        lifecycle.shutdown(drain_budget(service.settings.drain_timeout, server.cfg.graceful_timeout))

@@ -1,0 +1,50 @@
+"""Who is calling: a bearer token mapped to a source or to the admin, in constant time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Settings
+from .tokens import tokens_equal
+
+ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: the admin, or the source a token belongs to."""
+
+    kind: str  # "admin" or "source"
+    source: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == ADMIN
+
+
+class Authenticator:
+    """Compares a presented token against every configured one.
+
+    Every token is compared, whatever matched first, so the time taken does not tell
+    which token (or how much of one) was right.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._admin = settings.admin_token
+        self._sources = [(s.token, s.name) for s in settings.sources]
+
+    def identify(self, authorization: str | None) -> Principal | None:
+        """The caller behind an `Authorization: Bearer ...` header, or None."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        found: Principal | None = None
+        if tokens_equal(token, self._admin):
+            found = Principal(ADMIN)
+        for candidate, name in self._sources:
+            if tokens_equal(token, candidate) and found is None:
+                found = Principal("source", name)
+        return found

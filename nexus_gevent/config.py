@@ -1,0 +1,559 @@
+"""Settings: environment variables over an optional TOML file over built-in defaults.
+
+The TOML file (``NEXUS_CONFIG``) looks like this::
+
+    # Top-level keys are the NEXUS_* variable names, lowercase, without the prefix.
+    data_dir = "/srv/nexus"
+    queue_size = 20000
+    admin_token = "file:/run/secrets/nexus-admin"
+
+    [[destinations]]
+    name = "warehouse"
+    url = "postgresql://nexus@db/nexus"
+
+    [[sources]]
+    name = "billing"
+    token = "env:BILLING_TOKEN"    # a literal, env:VAR, or file:PATH
+    destination = "warehouse"      # optional; "default" if left out
+
+Rules:
+
+- An environment variable wins over the TOML key of the same setting. A variable
+  set to the empty string counts as unset (compose files often pass ``FOO=``).
+- Relative paths (``data_dir``, ``file:``) are relative to the working directory.
+- Without ``[[sources]]`` there is one source, ``default``. Its token is
+  ``NEXUS_TOKEN`` (or the top-level ``token``); its destination is ``default``,
+  whose URL is ``NEXUS_DESTINATION_URL`` (or the top-level ``destination_url``),
+  else ``sqlite:///{data_dir}/nexus.db``. The ``default`` destination exists
+  whenever a source uses it or the file declares it.
+- A source without a token, and the admin token when none is given, get a
+  generated one, kept in ``{data_dir}/secrets/token-<name>`` and
+  ``{data_dir}/secrets/admin-token`` (mode 0600) and reused on the next start.
+- Tokens must be visible ASCII (no spaces) and distinct from one another, so
+  that a token names exactly one source, or the admin.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+from .logs import parse_level
+from .tokens import ensure_private_dir, load_or_create_secret
+
+#: Contract default for the in-memory queue's capacity.
+DEFAULT_QUEUE_SIZE = 10_000
+#: A poison entry's retries (its backoff sleeps) hold one delivery greenlet;
+#: more than one keeps the line moving behind it, and four overlaps destination
+#: round trips without crowding SQLite's single writer.
+DEFAULT_QUEUE_WORKERS = 4
+#: Contract default: delivery attempts before PERMANENT_FAILURE.
+DEFAULT_MAX_ATTEMPTS = 5
+#: Contract default: seconds before the first retry, doubling after.
+DEFAULT_INITIAL_BACKOFF = 1.0
+#: Fits inside gunicorn's graceful_timeout (30 s), which ends in SIGKILL, and
+#: its heartbeat timeout (30 s), leaving 10 s to close the WAL and pools
+#: (see gunicorn.conf.py).
+DEFAULT_DRAIN_TIMEOUT = 20.0
+#: Contract default: the largest request body accepted.
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+#: A day: longer than any client's retry loop is expected to last.
+DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
+#: Large enough that rotation is rare, small enough that reclaiming one settled
+#: segment frees space soon.
+DEFAULT_WAL_SEGMENT_BYTES = 64 * 1024 * 1024
+
+DEFAULT_NAME = "default"
+SECRETS_DIRNAME = "secrets"
+ADMIN_TOKEN_FILENAME = "admin-token"
+
+ShedPolicy = Literal["durable", "reject"]
+
+# Names appear in URL paths and in secret file names, hence the narrow alphabet.
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# RFC 6750's token characters are a subset of this; anything outside it (spaces,
+# controls, non-ASCII) could never arrive intact in an Authorization header.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+_SCALAR_KEYS = frozenset(
+    {
+        "data_dir",
+        "destination_url",
+        "token",
+        "admin_token",
+        "queue_size",
+        "queue_workers",
+        "max_attempts",
+        "initial_backoff",
+        "drain_timeout",
+        "max_body_bytes",
+        "shed_policy",
+        "log_level",
+        "metrics_public",
+        "idempotency_window",
+        "wal_segment_bytes",
+    }
+)
+_TOP_LEVEL_KEYS = _SCALAR_KEYS | {"sources", "destinations"}
+_SOURCE_KEYS = frozenset({"name", "token", "destination"})
+_DESTINATION_KEYS = frozenset({"name", "url"})
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class DestinationSettings:
+    """Where delivered entries are stored: ``sqlite:///PATH`` or ``postgresql://...``."""
+
+    name: str
+    url: str
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any password replaced, fit for logs and error messages."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def __repr__(self) -> str:
+        return f"DestinationSettings(name={self.name!r}, url={self.redacted_url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """A client that writes to /inbound/{name} with its bearer token."""
+
+    name: str
+    token: str = field(repr=False)
+    destination: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service is configured with; build it with load_settings()."""
+
+    data_dir: Path
+    sources: tuple[SourceSettings, ...]
+    destinations: tuple[DestinationSettings, ...]
+    admin_token: str = field(repr=False)
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    queue_workers: int = DEFAULT_QUEUE_WORKERS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    initial_backoff: float = DEFAULT_INITIAL_BACKOFF
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    shed_policy: ShedPolicy = "durable"
+    log_level: str = "INFO"
+    metrics_public: bool = False
+    idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
+    wal_segment_bytes: int = DEFAULT_WAL_SEGMENT_BYTES
+    #: Token files this load generated or read, so the service can log where
+    #: a token is kept (never the token itself).
+    generated_secrets: tuple[Path, ...] = ()
+
+    def source(self, name: str) -> SourceSettings | None:
+        """The source called `name`, or None."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        return None
+
+    def destination(self, name: str) -> DestinationSettings:
+        """The destination called `name`; KeyError if there is none."""
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(name)
+
+
+def default_destination_url(data_dir: Path) -> str:
+    """The embedded default: SQLite in the data dir (relative dir, relative path)."""
+    return f"sqlite:///{data_dir}/nexus.db"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from `environ` (default os.environ) and the TOML file it names.
+
+    Raises ConfigError naming the setting at fault. May create the data dir,
+    its secrets dir (both 0700) and generated token files; safe when several
+    workers run it at once.
+    """
+    layers = _Layers(os.environ if environ is None else environ)
+
+    data_dir = Path(layers.text("data_dir", "./var"))
+    declared = _declared_destinations(layers)
+    sources = _sources(layers, {d.name for d in declared} | {DEFAULT_NAME})
+    destinations = _with_default_destination(declared, sources, layers, data_dir)
+    explicit_admin = _admin_token(layers)
+    _check_distinct(sources, explicit_admin)
+
+    queue_size = layers.integer("queue_size", DEFAULT_QUEUE_SIZE)
+    queue_workers = layers.integer("queue_workers", DEFAULT_QUEUE_WORKERS)
+    max_attempts = layers.integer("max_attempts", DEFAULT_MAX_ATTEMPTS, minimum=1)
+    initial_backoff = layers.number("initial_backoff", DEFAULT_INITIAL_BACKOFF)
+    drain_timeout = layers.number("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+    max_body_bytes = layers.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
+    idempotency_window = layers.number("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
+    wal_segment_bytes = layers.integer("wal_segment_bytes", DEFAULT_WAL_SEGMENT_BYTES, minimum=1)
+    shed_policy = _shed_policy(layers)
+    log_level = _log_level(layers)
+    metrics_public = layers.flag("metrics_public", False)
+
+    # Side effects come last, so that an invalid configuration leaves no trace.
+    _make_dir(data_dir)
+    secrets_dir = data_dir / SECRETS_DIRNAME
+    touched: list[Path] = []
+    resolved: list[SourceSettings] = []
+    for name, token, destination in sources:
+        if token is None:
+            path = secrets_dir / f"token-{name}"
+            token = _secret(path)
+            touched.append(path)
+        resolved.append(SourceSettings(name=name, token=token, destination=destination))
+    admin_token = explicit_admin
+    if admin_token is None:
+        path = secrets_dir / ADMIN_TOKEN_FILENAME
+        admin_token = _secret(path)
+        touched.append(path)
+
+    return Settings(
+        data_dir=data_dir,
+        sources=tuple(resolved),
+        destinations=tuple(destinations),
+        admin_token=admin_token,
+        # Zero or less means "unset" for these two, as for the queue itself.
+        queue_size=queue_size if queue_size > 0 else DEFAULT_QUEUE_SIZE,
+        queue_workers=queue_workers if queue_workers > 0 else DEFAULT_QUEUE_WORKERS,
+        max_attempts=max_attempts,
+        initial_backoff=initial_backoff,
+        drain_timeout=drain_timeout,
+        max_body_bytes=max_body_bytes,
+        shed_policy=shed_policy,
+        log_level=log_level,
+        metrics_public=metrics_public,
+        idempotency_window=idempotency_window,
+        wal_segment_bytes=wal_segment_bytes,
+        generated_secrets=tuple(touched),
+    )
+
+
+class _Layers:
+    """Looks a setting up in the environment, then in the TOML file; says where it came from."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.toml, self.origin = _read_toml(env)
+
+    def where_toml(self, key: str) -> str:
+        return f"{key} in {self.origin}"
+
+    def lookup(self, key: str) -> tuple[object, str] | None:
+        env_name = f"NEXUS_{key.upper()}"
+        value = self.env.get(env_name)
+        if value:
+            return value, env_name
+        if key in self.toml:
+            return self.toml[key], self.where_toml(key)
+        return None
+
+    def text(self, key: str, default: str) -> str:
+        found = self.lookup(key)
+        if found is None:
+            return default
+        value, where = found
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int | None = None) -> int:
+        found = self.lookup(key)
+        if found is None:
+            return default
+        value, where = found
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str):
+            try:
+                number = int(value.strip())
+            except ValueError:
+                number = None
+        if number is None:
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if minimum is not None and number < minimum:
+            raise ConfigError(f"{where} must be at least {minimum}, got {number}")
+        return number
+
+    def number(self, key: str, default: float) -> float:
+        found = self.lookup(key)
+        if found is None:
+            return default
+        value, where = found
+        number: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where} must be a number of seconds, got {value!r}")
+        if number < 0:
+            raise ConfigError(f"{where} must not be negative, got {number}")
+        return number
+
+    def flag(self, key: str, default: bool) -> bool:
+        found = self.lookup(key)
+        if found is None:
+            return default
+        value, where = found
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in _TRUE:
+                return True
+            if word in _FALSE:
+                return False
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+
+
+def _read_toml(env: Mapping[str, str]) -> tuple[dict[str, object], str]:
+    path_text = env.get("NEXUS_CONFIG")
+    if not path_text:
+        return {}, "the environment"
+    path = Path(path_text)
+    try:
+        with path.open("rb") as fh:
+            data: dict[str, object] = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"NEXUS_CONFIG: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"NEXUS_CONFIG: {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {path}")
+    return data, str(path)
+
+
+def _tables(layers: _Layers, key: str, allowed: frozenset[str]) -> list[dict[str, object]]:
+    raw = layers.toml.get(key, [])
+    where = layers.where_toml(key)
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{where} must be an array of tables ([[{key}]])")
+    for table in raw:
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(unknown)} in [[{key}]] in {layers.origin}"
+            )
+    return raw
+
+
+def _name(table: dict[str, object], kind: str, layers: _Layers) -> str:
+    name = table.get("name")
+    where = f"[[{kind}]] in {layers.origin}"
+    if not isinstance(name, str):
+        raise ConfigError(f"every entry of {where} needs a name (a string)")
+    if not _NAME.fullmatch(name) or set(name) == {"."}:
+        raise ConfigError(
+            f"{kind} name {name!r} in {layers.origin}: use 1-64 characters from "
+            "A-Z a-z 0-9 _ . - (and not only dots)"
+        )
+    return name
+
+
+def _check_url(url: object, where: str) -> str:
+    if isinstance(url, str):
+        if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+            return url
+        if url.startswith(("postgresql://", "postgres://")):
+            return url
+    # The URL itself is not echoed: it may carry a password.
+    raise ConfigError(f"{where} must be sqlite:///PATH or postgresql://...")
+
+
+def _declared_destinations(layers: _Layers) -> list[DestinationSettings]:
+    declared: list[DestinationSettings] = []
+    for table in _tables(layers, "destinations", _DESTINATION_KEYS):
+        name = _name(table, "destinations", layers)
+        if any(d.name == name for d in declared):
+            raise ConfigError(f"destination {name!r} is declared twice in {layers.origin}")
+        url = _check_url(table.get("url"), f"url of destination {name!r} in {layers.origin}")
+        declared.append(DestinationSettings(name=name, url=url))
+    return declared
+
+
+def _with_default_destination(
+    declared: list[DestinationSettings],
+    sources: list[_SourceSpec],
+    layers: _Layers,
+    data_dir: Path,
+) -> list[DestinationSettings]:
+    """Add or override the 'default' destination from NEXUS_DESTINATION_URL / destination_url."""
+    found = layers.lookup("destination_url")
+    url = None if found is None else _check_url(*found)
+    if any(d.name == DEFAULT_NAME for d in declared):
+        if "destination_url" in layers.toml:
+            raise ConfigError(
+                f"{layers.origin} sets the URL of destination 'default' twice: "
+                "in destination_url and in [[destinations]]"
+            )
+        if url is None:
+            return declared
+        return [replace(d, url=url) if d.name == DEFAULT_NAME else d for d in declared]
+    if not any(destination == DEFAULT_NAME for _, _, destination in sources):
+        # Nothing writes there, so no queue, delivery greenlets or SQLite file for it.
+        return declared
+    return [*declared, DestinationSettings(DEFAULT_NAME, url or default_destination_url(data_dir))]
+
+
+# (name, token or None for a generated one, destination)
+_SourceSpec = tuple[str, str | None, str]
+
+
+def _sources(layers: _Layers, known_destinations: set[str]) -> list[_SourceSpec]:
+    env_token: str | None = layers.env.get("NEXUS_TOKEN") or None
+    if env_token is not None:
+        _check_token(env_token, "NEXUS_TOKEN")
+    top_level = layers.toml.get("token")
+    tables = _tables(layers, "sources", _SOURCE_KEYS)
+    if not tables:
+        token = env_token
+        if token is None and top_level is not None:
+            token = _token(top_level, layers.where_toml("token"), layers.env)
+        return [(DEFAULT_NAME, token, DEFAULT_NAME)]
+    if top_level is not None:
+        raise ConfigError(
+            f"token in {layers.origin} is the token of the implicit source 'default', "
+            "which [[sources]] replaces; give each source its token in [[sources]]"
+        )
+
+    specs: list[_SourceSpec] = []
+    for table in tables:
+        name = _name(table, "sources", layers)
+        where = f"source {name!r} in {layers.origin}"
+        if any(s[0] == name for s in specs):
+            raise ConfigError(f"source {name!r} is declared twice in {layers.origin}")
+        destination = table.get("destination", DEFAULT_NAME)
+        if not isinstance(destination, str) or destination not in known_destinations:
+            raise ConfigError(f"{where} names an unknown destination {destination!r}")
+        if name == DEFAULT_NAME and env_token is not None:
+            specs.append((name, env_token, destination))
+        elif "token" in table:
+            specs.append(
+                (name, _token(table["token"], f"token of {where}", layers.env), destination)
+            )
+        else:
+            specs.append((name, None, destination))
+    return specs
+
+
+def _admin_token(layers: _Layers) -> str | None:
+    env_token = layers.env.get("NEXUS_ADMIN_TOKEN") or None
+    if env_token is not None:
+        _check_token(env_token, "NEXUS_ADMIN_TOKEN")
+        return env_token
+    spec = layers.toml.get("admin_token")
+    if spec is None:
+        return None
+    return _token(spec, layers.where_toml("admin_token"), layers.env)
+
+
+def _token(value: object, where: str, env: Mapping[str, str]) -> str:
+    """Resolve a TOML token (a literal, env:VAR or file:PATH) and check it."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string")
+    token = value
+    if value.startswith("env:"):
+        var = value[len("env:") :]
+        if var not in env:
+            raise ConfigError(f"{where} refers to ${var}, which is not set")
+        token = env[var]
+        where = f"{where} (from ${var})"
+    elif value.startswith("file:"):
+        path = Path(value[len("file:") :])
+        try:
+            token = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read the token file {path}: {exc}") from exc
+        where = f"{where} (from {path})"
+    _check_token(token, where)
+    return token
+
+
+def _check_token(token: str, where: str) -> None:
+    if not token:
+        raise ConfigError(f"{where} is empty")
+    if not _TOKEN.fullmatch(token):
+        raise ConfigError(f"{where} must be visible ASCII characters only, without spaces")
+
+
+def _check_distinct(sources: list[_SourceSpec], admin_token: str | None) -> None:
+    # A token must identify one principal: the HTTP layer tells "unknown token"
+    # (401) from "another source's token" (403) by which source owns it.
+    owners: dict[str, str] = {}
+    for name, token, _ in sources:
+        if token is None:
+            continue
+        if token in owners:
+            raise ConfigError(f"sources {owners[token]!r} and {name!r} have the same token")
+        owners[token] = name
+    if admin_token is not None and admin_token in owners:
+        raise ConfigError(f"the admin token is also the token of source {owners[admin_token]!r}")
+
+
+def _shed_policy(layers: _Layers) -> ShedPolicy:
+    found = layers.lookup("shed_policy")
+    if found is None:
+        return "durable"
+    value, where = found
+    word = value.strip().lower() if isinstance(value, str) else value
+    if word == "durable":
+        return "durable"
+    if word == "reject":
+        return "reject"
+    raise ConfigError(f"{where} must be 'durable' or 'reject', got {value!r}")
+
+
+def _log_level(layers: _Layers) -> str:
+    found = layers.lookup("log_level")
+    if found is None:
+        return "INFO"
+    value, where = found
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a level name such as 'INFO', got {value!r}")
+    try:
+        level = parse_level(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: unknown log level {value!r}") from exc
+    canonical: str = logging.getLevelName(level)
+    return canonical
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        ensure_private_dir(path)
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot create {path}: {exc.strerror}") from exc
+
+
+def _secret(path: Path) -> str:
+    try:
+        token, _ = load_or_create_secret(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read or create the token file {path}: {exc.strerror}") from exc
+    _check_token(token, f"token file {path}")
+    return token

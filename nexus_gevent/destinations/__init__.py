@@ -1,0 +1,62 @@
+"""Destinations: where delivered entries are stored, chosen by the scheme of their URL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import ConfigError
+from ..ports import Destination
+from .sqlite import SQLiteDestination
+
+__all__ = ["SQLiteDestination", "open_destination", "sqlite_path"]
+
+_SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(url: str) -> str:
+    """The file path of a `sqlite:///PATH` URL: relative after three slashes, absolute after four."""
+    if not url.lower().startswith(_SQLITE_PREFIX):
+        raise ConfigError(
+            f"destination URL {url!r}: a SQLite URL is sqlite:///relative/path or sqlite:////absolute/path"
+        )
+    path = url[len(_SQLITE_PREFIX) :]
+    if not path or path.endswith("/"):
+        raise ConfigError(f"destination URL {url!r}: names no database file")
+    # Refused rather than kept in the file name: a user writing ?mode=ro or #x means an
+    # option, and silently creating a file called "nexus.db?mode=ro" would hide that.
+    if "?" in path or "#" in path:
+        raise ConfigError(f"destination URL {url!r}: SQLite URLs take no query or fragment")
+    return path
+
+
+def _open_sqlite(name: str, url: str) -> Destination:
+    return SQLiteDestination(name, sqlite_path(url))
+
+
+def _open_postgres(name: str, url: str) -> Destination:
+    # The hook for PostgreSQL. Import psycopg here, inside the call, never at the top of
+    # this module: psycopg decides whether it cooperates with gevent when it is first
+    # imported, so that must happen in the worker, after monkey-patching.
+    raise ConfigError(f"destination {name!r}: postgresql destinations are not supported yet")
+
+
+_OPENERS: dict[str, Callable[[str, str], Destination]] = {
+    "sqlite": _open_sqlite,
+    "postgresql": _open_postgres,
+    "postgres": _open_postgres,
+}
+
+
+def open_destination(name: str, url: str) -> Destination:
+    """Build the destination `name` from its URL; ConfigError for a URL we cannot serve.
+
+    Call it in the worker process: destinations own threads and connections.
+    """
+    scheme, sep, _ = url.partition("://")
+    opener = _OPENERS.get(scheme.lower()) if sep else None
+    if opener is None:
+        # Only the scheme goes in the message: the rest of a URL may hold a password.
+        shown = f"scheme {scheme!r}" if sep else "a URL without a scheme"
+        known = ", ".join(f"{s}://" for s in _OPENERS)
+        raise ConfigError(f"destination {name!r}: unsupported {shown} (expected one of {known})")
+    return opener(name, url)

@@ -1,0 +1,430 @@
+"""The SQLite destination: the `nexus_entries` table in one local database file.
+
+Nothing in `sqlite3` yields to gevent: a statement, an fsync or SQLite's own busy
+wait would stall every greenlet of the worker. So every sqlite3 call runs in one
+dedicated OS thread (a `ThreadPool(1)`), and the connection is opened inside it,
+so it is only ever used by the thread that made it (`check_same_thread` stays on
+as a tripwire). Greenlets hand work over with `pool.apply`, which blocks only the
+calling greenlet.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import orjson
+from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-ignore]
+
+from ..entry import Entry
+from ..errors import DestinationError, DestinationUnavailable, EntryRejected
+
+_T = TypeVar("_T")
+
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+
+#: One record of `GET /query`, with the contract's keys.
+Record = dict[str, object]
+
+# `seq` orders rows for cursor paging. The contract fixes `payload_id` (text) as the
+# primary key, so no INTEGER PRIMARY KEY can alias the rowid, and VACUUM may renumber
+# the implicit rowid of such a table, which would silently break issued cursors.
+# Ordering by (delivered_at, payload_id) is wrong too: two workers' clocks (or one
+# clock stepping back) can commit a row "earlier" than one a reader already paged
+# past. So `seq` is an explicit column, assigned as MAX(seq)+1 inside a
+# BEGIN IMMEDIATE transaction: SQLite's single write lock makes it follow commit
+# order across every process writing the file, and it never changes afterwards.
+#
+# "TEXT PRIMARY KEY" admits NULL in SQLite (a legacy quirk), hence the NOT NULL.
+# The CHECK keeps the table's promise that `payload` is a JSON object, so reading it
+# back for /query cannot fail; CASE because SQL's AND does not short-circuit and
+# json_type() raises on malformed text.
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE IF NOT EXISTS nexus_entries (
+        payload_id      TEXT NOT NULL PRIMARY KEY,
+        seq             INTEGER NOT NULL UNIQUE,
+        source          TEXT NOT NULL,
+        destination     TEXT NOT NULL,
+        subject         TEXT NULL,
+        idempotency_key TEXT NULL,
+        received_at     TEXT NOT NULL,
+        delivered_at    TEXT NOT NULL,
+        payload         TEXT NOT NULL
+            CONSTRAINT payload_is_json_object CHECK (
+                CASE WHEN json_valid(payload) THEN json_type(payload) = 'object' ELSE 0 END
+            )
+    )
+    """,
+    # The filtered shapes of /query; the UNIQUE index on seq serves the unfiltered one.
+    "CREATE INDEX IF NOT EXISTS nexus_entries_source_seq ON nexus_entries (source, seq)",
+    "CREATE INDEX IF NOT EXISTS nexus_entries_subject_seq ON nexus_entries (subject, seq)",
+)
+
+#: MIGRATIONS[n] takes the file from `PRAGMA user_version` n to n + 1. Append only.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# ON CONFLICT (payload_id) DO NOTHING, not INSERT OR IGNORE: OR IGNORE also skips rows
+# that break a NOT NULL or CHECK constraint, silently, and the caller would then mark
+# an entry DELIVERED that was never stored. Only a known payload_id may be skipped.
+_INSERT = """
+    INSERT INTO nexus_entries (
+        seq, payload_id, source, destination, subject, idempotency_key,
+        received_at, payload, delivered_at
+    ) VALUES (
+        (SELECT COALESCE(MAX(seq), 0) + 1 FROM nexus_entries), ?, ?, ?, ?, ?, ?, ?, ?
+    )
+    ON CONFLICT (payload_id) DO NOTHING
+"""
+
+# Primary result codes meaning "the database cannot take writes right now", none of
+# them the entry's fault. CORRUPT and NOTADB are included on purpose: a damaged file
+# needs an operator, and turning every entry into a dead letter meanwhile would not help.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+# Their messages, for exceptions that carry no result code (raised by hand, or by a
+# Python older than 3.11).
+_UNAVAILABLE_MESSAGES = (
+    "database is locked",
+    "database table is locked",
+    "unable to open database file",
+    "disk i/o error",
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "database disk image is malformed",
+    "file is not a database",
+    "out of memory",
+    "locking protocol",
+)
+
+
+def classify_sqlite_error(exc: Exception) -> DestinationError:
+    """Map an exception from a write to DestinationUnavailable or EntryRejected.
+
+    The queue pauses and probes on the first, and spends the entry's attempts on the
+    second, so anything not known to mean "unavailable" counts against the entry.
+    """
+    if isinstance(exc, DestinationError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        code: int | None = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            # Extended codes (SQLITE_IOERR_FSYNC, ...) keep the primary in the low byte.
+            unavailable = (code & 0xFF) in _UNAVAILABLE_CODES
+        else:
+            message = str(exc).lower()
+            unavailable = any(m in message for m in _UNAVAILABLE_MESSAGES)
+        if unavailable:
+            return DestinationUnavailable(f"sqlite: {exc}")
+        return EntryRejected(f"sqlite {type(exc).__name__}: {exc}")
+    if isinstance(exc, UnicodeDecodeError):
+        return EntryRejected(f"payload is not valid UTF-8: {exc}")
+    return EntryRejected(f"{type(exc).__name__}: {exc}")
+
+
+def format_timestamp(epoch_seconds: float) -> str:
+    """UTC ISO-8601 with microseconds and 'Z', e.g. 2026-11-28T06:24:10.123456Z."""
+    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_CURSOR_PREFIX = "seq:"
+_CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+_CURSOR_SEQ = re.compile(r"[0-9]{1,19}")
+_MAX_SEQ = 2**63 - 1
+
+
+def encode_cursor(seq: int) -> str:
+    """The opaque `next` cursor pointing after the row with this `seq`."""
+    raw = f"{_CURSOR_PREFIX}{seq}".encode("ascii")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The `seq` inside a cursor made by encode_cursor; ValueError for anything else."""
+    # b64decode silently drops characters outside the alphabet, so check them first.
+    if not _CURSOR_CHARS.fullmatch(cursor):
+        raise ValueError("malformed cursor")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ValueError("malformed cursor") from exc
+    digits = raw[len(_CURSOR_PREFIX) :]
+    if not raw.startswith(_CURSOR_PREFIX) or not _CURSOR_SEQ.fullmatch(digits):
+        raise ValueError("malformed cursor")
+    seq = int(digits)
+    # Past SQLite's INTEGER range the driver raises OverflowError, not a clean refusal.
+    if seq > _MAX_SEQ:
+        raise ValueError("malformed cursor")
+    return seq
+
+
+class SQLiteDestination:
+    """A Destination storing entries in `nexus_entries` of one SQLite file.
+
+    Build it in the process that uses it (after gunicorn's fork): its thread pool
+    belongs to the hub of the thread that creates it. The file is opened lazily, on
+    the first call, so a database that is missing at startup reads as "unavailable"
+    (probe, /ready) instead of failing the worker.
+    """
+
+    def __init__(self, name: str, path: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
+        self._name = name
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._pool = ThreadPool(1)
+        self._closed = False
+        # Touched only inside the pool's thread.
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def name(self) -> str:
+        """The destination's configured name; rows carry it in `destination`."""
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._path
+
+    def write(self, entries: Sequence[Entry]) -> None:
+        """Store all of `entries` in one durable transaction; a payload_id already stored is skipped."""
+        if entries:
+            self._run(self._write_in_thread, list(entries))
+
+    def probe(self) -> None:
+        """Open the file if needed and run `SELECT 1`; DestinationUnavailable on any failure."""
+        self._run(self._probe_in_thread)
+
+    def query(
+        self,
+        source: str | None = None,
+        subject: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> tuple[list[Record], str | None]:
+        """One page of this destination's rows, oldest first, and the cursor of the next page.
+
+        `next` is None when no row follows the page. A malformed `after` raises ValueError.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        after_seq = decode_cursor(after) if after is not None else 0
+        return self._run(self._query_in_thread, source, subject, limit, after_seq)
+
+    def count(self) -> int:
+        """The number of rows stored for this destination."""
+        return self._run(self._count_in_thread)
+
+    def close(self) -> None:
+        """Close the connection in its thread, then stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._apply(self._close_in_thread)
+        finally:
+            self._pool.kill()
+
+    # -- greenlet side -------------------------------------------------------------
+
+    def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        if self._closed:
+            raise DestinationUnavailable(f"destination {self._name!r} is closed")
+        return self._apply(fn, *args)
+
+    def _apply(self, fn: Callable[..., _T], *args: object) -> _T:
+        # Exceptions come back as values and are raised here: one raised inside a pool
+        # task is also printed, with its traceback, by the hub's error handler, and
+        # "database is locked" is an expected outcome, not a crash to log.
+        # If the calling greenlet is killed while waiting, the task still finishes in
+        # the thread; a write that commits unseen is harmless, since the WAL keeps the
+        # entry PENDING and the redelivery skips the known payload_id.
+        value, error = self._pool.apply(_capture, (fn, args))
+        if error is not None:
+            raise error
+        return cast(_T, value)
+
+    # -- pool thread side ----------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        try:
+            self._conn = _open(self._path, self._busy_timeout_ms)
+        except Exception as exc:
+            # Whatever stops the file from opening, the entries are not at fault.
+            raise DestinationUnavailable(f"sqlite: cannot open {self._path!r}: {exc}") from exc
+        return self._conn
+
+    def _write_in_thread(self, entries: list[Entry]) -> None:
+        conn = self._connection()
+        try:
+            # Decoded before taking the write lock, to hold it no longer than needed.
+            # `destination` is this destination's name rather than the entry's own field
+            # (they agree when the queue routes correctly): /query filters on it, so a
+            # row stored here must always be visible through this destination.
+            rows = [
+                (e.payload_id, e.source, self._name, e.subject, e.idempotency_key,
+                 format_timestamp(e.received_at), e.payload.decode("utf-8"))
+                for e in entries
+            ]
+            # IMMEDIATE takes the write lock up front, so waiting for it goes through
+            # busy_timeout instead of failing at once on a stale read snapshot, and
+            # MAX(seq) and delivered_at are read while no one else can commit.
+            conn.execute("BEGIN IMMEDIATE")
+            delivered_at = format_timestamp(time.time())
+            conn.executemany(_INSERT, [(*row, delivered_at) for row in rows])
+            # synchronous=FULL: COMMIT returns only once the WAL is fsynced, which is
+            # what lets the caller mark the entries DELIVERED.
+            conn.execute("COMMIT")
+        except Exception as exc:
+            _rollback_quietly(conn)
+            raise classify_sqlite_error(exc) from exc
+
+    def _probe_in_thread(self) -> None:
+        conn = self._connection()
+        try:
+            conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise DestinationUnavailable(f"sqlite: probe failed: {exc}") from exc
+
+    def _query_in_thread(
+        self, source: str | None, subject: str | None, limit: int, after_seq: int
+    ) -> tuple[list[Record], str | None]:
+        sql = [
+            "SELECT seq, payload_id, source, subject, idempotency_key, received_at, delivered_at,",
+            "payload FROM nexus_entries WHERE destination = ? AND seq > ?",
+        ]
+        params: list[object] = [self._name, after_seq]
+        if source is not None:
+            sql.append("AND source = ?")
+            params.append(source)
+        if subject is not None:
+            sql.append("AND subject = ?")
+            params.append(subject)
+        # One row more than asked tells whether a next page exists.
+        sql.append("ORDER BY seq LIMIT ?")
+        params.append(limit + 1)
+        rows = self._read(" ".join(sql), params)
+        records: list[Record] = [
+            {
+                "payload_id": payload_id,
+                "source": row_source,
+                "subject": row_subject,
+                "idempotency_key": idempotency_key,
+                "received_at": received_at,
+                "delivered_at": delivered_at,
+                "payload": orjson.loads(payload),
+            }
+            for _, payload_id, row_source, row_subject, idempotency_key, received_at,
+            delivered_at, payload in rows[:limit]
+        ]
+        next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
+        return records, next_cursor
+
+    def _count_in_thread(self) -> int:
+        rows = self._read("SELECT COUNT(*) FROM nexus_entries WHERE destination = ?", [self._name])
+        count: int = rows[0][0]
+        return count
+
+    def _read(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            classified = classify_sqlite_error(exc)
+            if isinstance(classified, DestinationUnavailable):
+                raise classified from exc
+            raise
+
+    def _close_in_thread(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+
+def _capture(fn: Callable[..., _T], args: tuple[object, ...]) -> tuple[_T | None, Exception | None]:
+    try:
+        return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
+        return None, exc
+
+
+def _open(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: the module opens no transactions of its own; this code
+    # issues BEGIN IMMEDIATE / COMMIT itself.
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
+        # FULL, not WAL's usual NORMAL: NORMAL may lose the last commits on power loss,
+        # and a commit must be durable before the WAL marks its entries DELIVERED.
+        conn.execute("PRAGMA synchronous = FULL")
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION; a no-op on a file that is already there.
+
+    `conn` must be in autocommit mode (isolation_level=None).
+    """
+    if _user_version(conn) == SCHEMA_VERSION:
+        return  # the common case, without taking the write lock
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the lock: another worker may have migrated meanwhile.
+        current = _user_version(conn)
+        if current > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {current} is newer than this code's {SCHEMA_VERSION}"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    # The original error is what the caller needs; a failing ROLLBACK adds nothing,
+    # and SQLite rolls an interrupted transaction back on the next open anyway.
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass

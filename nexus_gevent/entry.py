@@ -1,0 +1,47 @@
+"""The unit of work: one accepted write, as the WAL stores it and destinations receive it."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from .errors import PayloadDecodeError
+
+
+class Status(enum.Enum):
+    """The WAL states of an entry (the original's names)."""
+
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"
+    PERMANENT_FAILURE = "PERMANENT_FAILURE"
+
+
+def new_payload_id() -> str:
+    """A fresh payload id: 32 lowercase hex digits (contract)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One accepted write. `payload` is the client's JSON object, as UTF-8 JSON text."""
+
+    payload_id: str
+    source: str
+    destination: str
+    payload: bytes
+    received_at: float
+    subject: str | None = None
+    idempotency_key: str | None = None
+
+    def decode_payload(self) -> dict[str, object]:
+        """The payload as a dict; raises PayloadDecodeError if it is not a JSON object."""
+        try:
+            value = orjson.loads(self.payload)
+        except orjson.JSONDecodeError as exc:
+            raise PayloadDecodeError(f"payload is not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise PayloadDecodeError("payload is not a JSON object")
+        return value

@@ -1,0 +1,54 @@
+"""One hierarchy for every domain error; the HTTP layer maps them in one place."""
+
+from __future__ import annotations
+
+
+class NexusError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(NexusError):
+    """The configuration is invalid; the message says which setting and why."""
+
+
+class LoadShed(NexusError):
+    """The in-memory queue is full; the entry was not buffered (spec: ErrLoadShed)."""
+
+    def __init__(self) -> None:
+        super().__init__("queue: channel full, load shed")
+
+
+class QueueClosed(NexusError):
+    """The queue is draining and takes no new entries."""
+
+
+class WalError(NexusError):
+    """Base of the WAL's errors."""
+
+
+class WalUnavailable(WalError):
+    """The WAL could not make an entry durable (disk full, I/O error)."""
+
+
+class WalLocked(WalError):
+    """Every WAL directory is held by another live worker."""
+
+
+class DestinationError(NexusError):
+    """Base of the errors a destination raises from a write."""
+
+
+class DestinationUnavailable(DestinationError):
+    """The destination cannot be reached; the entry is not at fault.
+
+    The queue pauses delivery and probes instead of using up attempts
+    (contract, durability promise 3).
+    """
+
+
+class EntryRejected(DestinationError):
+    """The destination refused this entry itself; its attempts are used up."""
+
+
+class PayloadDecodeError(NexusError):
+    """The entry's payload is not a JSON object; it can never be delivered."""

@@ -1,0 +1,62 @@
+"""Every error the API answers, in the contract's one shape.
+
+``{"error": code, "message": text, "details": {...}}``, plus ``retry_after_seconds``
+when a Retry-After header is sent. Domain errors are mapped here, in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+import orjson
+
+
+class ApiError(falcon.HTTPError):
+    """An error response with the contract's code and message."""
+
+    def __init__(
+        self,
+        status: str,
+        code: str,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        retry_after: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(status, title=code, description=message, headers=headers)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.retry_after = retry_after
+        self.extra = extra or {}
+
+    def to_dict(self, obj_type: type = dict) -> dict[str, Any]:  # type: ignore[override]
+        body: dict[str, Any] = {"error": self.code, "message": self.message, "details": self.details}
+        if self.retry_after is not None:
+            body["retry_after_seconds"] = self.retry_after
+        body.update(self.extra)
+        return body
+
+
+def _code_for(error: falcon.HTTPError) -> str:
+    """A snake_case code for Falcon's own errors (404 route, 405 method...)."""
+    reason = error.status[4:] if isinstance(error.status, str) else str(error.status)
+    return reason.strip().lower().replace(" ", "_").replace("-", "_") or "error"
+
+
+def serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
+    """Falcon's error serializer: every error, ours or Falcon's, in the contract's shape."""
+    if isinstance(error, ApiError):
+        body = error.to_dict()
+    else:
+        body = {"error": _code_for(error), "message": error.description or error.title or "", "details": {}}
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps(body)
+
+
+def unexpected_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
+    """A bug answers 500 in the contract's shape; the traceback goes to the log, not the client."""
+    raise ApiError(falcon.HTTP_500, "internal_error", "internal error") from ex

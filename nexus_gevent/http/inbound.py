@@ -1,0 +1,143 @@
+"""POST /inbound/{source}: authenticate, validate, make durable, enqueue, answer.
+
+202 means durable (RFC 9110 section 15.3.3: accepted, processing not finished);
+429 is RFC 6585's Too Many Requests with a Retry-After computed from the backlog.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+import orjson
+
+from ..auth import Authenticator
+from ..config import Settings
+from ..errors import QueueClosed, WalUnavailable
+from ..ingest import Ingest, WriteResult
+from .errors import ApiError
+
+#: Idempotency-Key: up to 255 visible ASCII characters (contract).
+MAX_KEY_LENGTH = 255
+#: X-Subject is stored in a column; a bound keeps a row and a log line small.
+MAX_SUBJECT_LENGTH = 255
+
+
+def _visible_ascii(value: str) -> bool:
+    return all(0x21 <= ord(ch) <= 0x7E for ch in value)
+
+
+def authenticate_source(auth: Authenticator, settings: Settings, req: falcon.Request, source: str) -> None:
+    """401 without a known token, 403 for another source's or the admin's, then 404."""
+    principal = auth.identify(req.get_header("Authorization"))
+    if principal is None:
+        raise ApiError(falcon.HTTP_401, "unauthorized", "a valid bearer token is required",
+                       extra={}) from None
+    if principal.is_admin:
+        raise ApiError(falcon.HTTP_403, "source_mismatch", "the admin token cannot write entries")
+    # Only an authenticated caller learns whether a source exists.
+    if settings.source(source) is None:
+        raise ApiError(falcon.HTTP_404, "unknown_source", f"no source named {source!r}")
+    if principal.source != source:
+        raise ApiError(falcon.HTTP_403, "source_mismatch", "this token belongs to another source")
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The request body, refused with 413 (RFC 9110 section 15.5.14) past `limit` bytes.
+
+    A declared Content-Length over the limit is refused before reading anything; a
+    body without one is read only up to limit + 1 bytes.
+    """
+    declared = req.content_length
+    if declared is not None and declared > limit:
+        raise ApiError(falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes",
+                       details={"max_body_bytes": limit})
+    data: bytes = req.bounded_stream.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes",
+                       details={"max_body_bytes": limit})
+    return data
+
+
+def check_content_type(req: falcon.Request) -> None:
+    """415 (RFC 9110 section 15.5.16) for a present Content-Type other than JSON."""
+    content_type = req.content_type
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(falcon.HTTP_415, "unsupported_media_type", "Content-Type must be application/json",
+                       details={"content_type": media[:100]})
+
+
+def parse_object(body: bytes) -> None:
+    """400 unless the body is one JSON object."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(falcon.HTTP_400, "invalid_json", f"the body is not valid JSON: {exc.msg}",
+                       details={"position": exc.pos}) from None
+    if not isinstance(value, dict):
+        raise ApiError(falcon.HTTP_400, "invalid_body", "the body must be a JSON object")
+
+
+def optional_header(req: falcon.Request, name: str, code: str, limit: int) -> str | None:
+    value = req.get_header(name)
+    if value is None:
+        return None
+    if not value or len(value) > limit or not _visible_ascii(value):
+        raise ApiError(falcon.HTTP_400, code, f"{name} must be 1 to {limit} visible ASCII characters")
+    return value
+
+
+class InboundResource:
+    """Writes one entry per request."""
+
+    def __init__(self, settings: Settings, auth: Authenticator, ingest: Any, state: Any) -> None:
+        self._settings = settings
+        self._auth = auth
+        self._ingest: Ingest = ingest
+        self._state = state
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, source: str) -> None:
+        authenticate_source(self._auth, self._settings, req, source)
+        req.context.source = source
+        check_content_type(req)
+        key = optional_header(req, "Idempotency-Key", "invalid_idempotency_key", MAX_KEY_LENGTH)
+        subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
+        body = read_body(req, self._settings.max_body_bytes)
+        parse_object(body)
+        if self._state() in ("draining", "stopped"):
+            raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry",
+                           retry_after=1)
+        destination = self._settings.source(source).destination  # type: ignore[union-attr]
+        try:
+            result = self._ingest.write(source, destination, body, subject=subject, key=key)
+        except WalUnavailable as exc:
+            raise ApiError(falcon.HTTP_503, "wal_unavailable",
+                           "the entry could not be made durable; nothing was stored, retry later",
+                           details={"reason": str(exc)[:200]}, retry_after=1) from None
+        except QueueClosed:
+            raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry",
+                           retry_after=1) from None
+        self._answer(req, resp, result)
+
+    @staticmethod
+    def _answer(req: falcon.Request, resp: falcon.Response, result: WriteResult) -> None:
+        req.context.payload_id = result.payload_id
+        if result.outcome == "accepted":
+            resp.status = falcon.HTTP_202
+            resp.data = orjson.dumps({"payload_id": result.payload_id, "status": "accepted"})
+        elif result.outcome == "duplicate":
+            resp.status = falcon.HTTP_200
+            resp.data = orjson.dumps({"payload_id": result.payload_id, "status": "duplicate"})
+        elif result.outcome == "shed":
+            raise ApiError(falcon.HTTP_429, "queue_full",
+                           "the queue is full; the entry is durable in the WAL and will be delivered",
+                           retry_after=result.retry_after, extra={"payload_id": result.payload_id},
+                           details={"payload_id": result.payload_id, "durable": True})
+        else:
+            raise ApiError(falcon.HTTP_429, "queue_full",
+                           "the queue is full; nothing was stored, retry after the delay",
+                           retry_after=result.retry_after, details={"durable": False})
+        resp.content_type = falcon.MEDIA_JSON

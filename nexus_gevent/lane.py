@@ -1,0 +1,139 @@
+"""A lane: one destination's queue, plus the backlog of durable entries that did not fit.
+
+The original leaves a shed entry PENDING until the next restart. Here a shed entry
+(and one that did not fit at replay) waits in the backlog, and a feeder greenlet
+moves it into the queue as soon as there is room. Entries are durable in the WAL
+either way; the backlog only decides when they are delivered.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import Any
+
+import gevent
+
+from .entry import Entry
+from .errors import LoadShed
+from .queue import Queue
+
+#: How often the feeder looks for room while the backlog is not empty.
+FEED_INTERVAL = 0.02
+#: Retry-After bounds, in whole seconds (RFC 9110 section 10.2.3 allows any delay).
+RETRY_AFTER_MIN = 1
+RETRY_AFTER_MAX = 60
+#: The delivery rate is measured over this many seconds.
+RATE_WINDOW = 5.0
+
+
+class RateMeter:
+    """Deliveries per second over the last RATE_WINDOW seconds, in one-second buckets."""
+
+    def __init__(self) -> None:
+        self._buckets: deque[list[float]] = deque()
+
+    def tick(self, n: int = 1) -> None:
+        now = math.floor(time.monotonic())
+        if self._buckets and self._buckets[-1][0] == now:
+            self._buckets[-1][1] += n
+        else:
+            self._buckets.append([now, float(n)])
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._buckets and self._buckets[0][0] < now - RATE_WINDOW:
+            self._buckets.popleft()
+
+    def rate(self) -> float:
+        now = math.floor(time.monotonic())
+        self._trim(now)
+        total = sum(b[1] for b in self._buckets)
+        return total / RATE_WINDOW
+
+
+class Lane:
+    """Routes entries to one destination's queue; keeps what does not fit, in order."""
+
+    def __init__(self, queue: Queue, logger: Any) -> None:
+        self.queue = queue
+        self.meter = RateMeter()
+        self._log = logger
+        self._backlog: dict[str, Entry] = {}
+        self._reserved = 0
+        self._feeder: gevent.Greenlet[Any, Any] | None = None
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.queue.name
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    @property
+    def room(self) -> int:
+        return self.queue.free_slots - self._reserved
+
+    def holds(self, payload_id: str) -> bool:
+        return payload_id in self._backlog or self.queue.holds(payload_id)
+
+    def reserve(self) -> bool:
+        """Hold one slot for an entry about to be written (the `reject` policy)."""
+        if self._backlog or self.room <= 0:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        self._reserved -= 1
+
+    def offer(self, entry: Entry, *, reserved: bool = False) -> bool:
+        """Queue `entry`, or keep it in the backlog; True when it went to the queue."""
+        if reserved:
+            self._reserved -= 1
+        elif self.holds(entry.payload_id):
+            return True
+        if reserved or (not self._backlog and self.room > 0):
+            try:
+                self.queue.enqueue(entry)
+                return True
+            except LoadShed:
+                pass
+        self._backlog[entry.payload_id] = entry
+        self._wake_feeder()
+        return False
+
+    def retry_after(self) -> int:
+        """Seconds until the backlog should have cleared at the measured delivery rate."""
+        waiting = self.queue.depth + len(self._backlog)
+        rate = max(self.meter.rate(), 1.0)
+        return int(min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(waiting / rate))))
+
+    def stop(self) -> None:
+        """Stop feeding; what is left in the backlog stays PENDING in the WAL."""
+        self._stopped = True
+        if self._feeder is not None:
+            self._feeder.kill()
+
+    def _wake_feeder(self) -> None:
+        if not self._stopped and (self._feeder is None or self._feeder.dead):
+            self._feeder = gevent.spawn(self._feed)
+
+    def _feed(self) -> None:
+        while self._backlog and not self._stopped:
+            moved = 0
+            while self._backlog and self.room > 0 and not self.queue.draining:
+                payload_id = next(iter(self._backlog))
+                entry = self._backlog.pop(payload_id)
+                try:
+                    self.queue.enqueue(entry)
+                except LoadShed:
+                    self._backlog[payload_id] = entry
+                    break
+                moved += 1
+            if self.queue.draining:
+                return
+            gevent.sleep(FEED_INTERVAL)

@@ -1,0 +1,190 @@
+"""One worker's service: WAL, destinations, lanes and stores, started and stopped in order.
+
+Startup: claim a WAL directory, open it for appends at once, open the destinations
+and their lanes, then replay the older segments in the background (the worker is
+not ready until that is done). Shutdown, once: refuse new writes, drain every queue
+within one deadline, then close destinations, stores and the WAL, and release the
+WAL directory for the next worker.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import gevent
+import gevent.event
+
+from .config import Settings
+from .deadletters import DeadLetterStore
+from .destinations import open_destination
+from .ingest import Ingest
+from .idempotency import IdempotencyIndex
+from .lane import Lane
+from .ports import Destination
+from .queue import Queue, QueueConfig
+from .settle import Settlement
+from .wal import DirLock, ReplayResult, Wal, claim
+
+State = Literal["starting", "replaying", "ready", "draining", "stopped"]
+
+WAL_DIRNAME = "wal"
+IDEMPOTENCY_FILENAME = "idempotency.db"
+DEAD_LETTERS_FILENAME = "dead-letters.db"
+#: Replay logs its progress at most this often.
+REPLAY_PROGRESS_INTERVAL = 2.0
+
+
+class Service:
+    """Everything one gunicorn worker runs besides HTTP."""
+
+    def __init__(self, settings: Settings, logger: Any) -> None:
+        self.settings = settings
+        self._log = logger
+        self.state: State = "starting"
+        self.lock: DirLock | None = None
+        self.wal: Wal | None = None
+        self.destinations: dict[str, Destination] = {}
+        self.lanes: dict[str, Lane] = {}
+        self.ingest: Ingest | None = None
+        self.settlement: Settlement | None = None
+        self.dead_letters: DeadLetterStore | None = None
+        self.index: IdempotencyIndex | None = None
+        self.replay_result: ReplayResult | None = None
+        self._replayer: gevent.Greenlet[Any, Any] | None = None
+        self._shutdown_started = False
+        self._stopped = gevent.event.Event()
+        self._drained = False
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    def start(self) -> None:
+        """Open everything; replay runs in the background (see `ready`)."""
+        s = self.settings
+        self.lock = claim(s.data_dir / WAL_DIRNAME)
+        self._log = self._log.bind(wal_dir=self.lock.path.name)
+        self.wal = Wal(self.lock.path, segment_bytes=s.wal_segment_bytes, logger=self._log)
+        self.wal.start()
+        self.dead_letters = DeadLetterStore(s.data_dir / DEAD_LETTERS_FILENAME)
+        self.index = IdempotencyIndex(s.data_dir / IDEMPOTENCY_FILENAME, window=s.idempotency_window)
+        self.settlement = Settlement(self.wal, self.dead_letters)
+        for dest in s.destinations:
+            destination = open_destination(dest.name, dest.url)
+            self.destinations[dest.name] = destination
+            lane_box: list[Lane] = []
+            queue = Queue(
+                QueueConfig(
+                    size=s.queue_size,
+                    workers=s.queue_workers,
+                    max_attempts=s.max_attempts,
+                    initial_backoff=s.initial_backoff,
+                    on_processed=lambda box=lane_box: box[0].meter.tick(),
+                ),
+                self._log,
+                destination,
+                self.settlement,
+            )
+            lane = Lane(queue, self._log)
+            lane_box.append(lane)
+            self.lanes[dest.name] = lane
+        self.ingest = Ingest(self.wal, self.lanes, self.index, shed_policy=s.shed_policy, logger=self._log)
+        self.state = "replaying"
+        self._replayer = gevent.spawn(self._replay)
+        self._log.info("worker_started", wal_dir=str(self.lock.path), destinations=sorted(self.lanes))
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for replay to finish; True when the service is ready."""
+        if self._replayer is not None:
+            self._replayer.join(timeout)
+        return self.state == "ready"
+
+    def _replay(self) -> None:
+        assert self.wal is not None and self.index is not None
+        last = [time.monotonic()]
+
+        def progress(done: int, segs_done: int, segs: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= REPLAY_PROGRESS_INTERVAL or segs_done == segs:
+                last[0] = now
+                self._log.info("wal_replay_progress", records=done, segments_done=segs_done, segments=segs)
+
+        result = self.wal.replay(progress)
+        self.replay_result = result
+        losers = self.index.claim_many(
+            (k.source, k.key, k.payload_id, k.received_at) for k in result.keys if k.payload_id in result.pending
+        )
+        if losers:
+            self.wal.mark_discarded(sorted(losers))
+        requeued = 0
+        for payload_id, (entry, _seg) in result.pending.items():
+            if payload_id in losers or self.state != "replaying":
+                continue
+            lane = self.lanes.get(entry.destination)
+            if lane is None:
+                self._log.error("replay_unknown_destination", payload_id=payload_id, destination=entry.destination)
+                continue
+            lane.offer(entry)
+            requeued += 1
+        rate = result.records / result.seconds if result.seconds > 0 else 0.0
+        self._log.info(
+            "wal_replayed",
+            records=result.records,
+            pending=requeued,
+            damaged=len(result.damage),
+            discarded=len(losers),
+            seconds=round(result.seconds, 3),
+            records_per_second=round(rate),
+        )
+        if self.state == "replaying":
+            self.state = "ready"
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why /ready should answer 503; empty when ready."""
+        reasons: list[str] = []
+        if self.state != "ready":
+            reasons.append(self.state)
+        if self.wal is not None and self.wal.last_error is not None:
+            reasons.append("wal_unwritable")
+        reasons.extend(f"destination_unavailable:{name}" for name, lane in self.lanes.items() if not lane.queue.destination_available)
+        return reasons
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Drain and close, once. True when every queue drained within `timeout`."""
+        if self._shutdown_started:
+            self._stopped.wait(timeout)
+            return self._drained
+        self._shutdown_started = True
+        self.state = "draining"
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        if self._replayer is not None and not self._replayer.dead:
+            self._replayer.join(timeout=0 if deadline is None else max(0.0, deadline - time.monotonic()))
+            self._replayer.kill()
+        for lane in self.lanes.values():
+            lane.stop()
+        drains = [gevent.spawn(lane.queue.drain, None if deadline is None else max(0.0, deadline - time.monotonic())) for lane in self.lanes.values()]
+        gevent.joinall(drains)
+        self._drained = all(g.value for g in drains)
+        left = sum(lane.queue.depth + lane.backlog for lane in self.lanes.values())
+        self._log.info("drain_finished", drained=self._drained, seconds=round(time.monotonic() - started, 3), left_pending=left)
+        self._close()
+        self.state = "stopped"
+        self._stopped.set()
+        return self._drained
+
+    def _close(self) -> None:
+        for name, destination in self.destinations.items():
+            try:
+                destination.close()
+            except Exception as exc:
+                self._log.warning("destination_close_failed", destination=name, error=str(exc))
+        if self.wal is not None:
+            self.wal.close()
+        for store in (self.index, self.dead_letters):
+            if store is not None:
+                store.close()
+        if self.lock is not None:
+            self.lock.close()

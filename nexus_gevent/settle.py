@@ -1,0 +1,35 @@
+"""The queue's WAL updater: how DELIVERED and PERMANENT_FAILURE are recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .deadletters import DeadLetterStore
+from .entry import Entry
+from .wal import Wal
+
+
+class Settlement:
+    """Marks entries in the WAL, keeping a dead letter's data in the dead-letter store first."""
+
+    def __init__(self, wal: Wal, dead_letters: DeadLetterStore) -> None:
+        self._wal = wal
+        self._dead = dead_letters
+        #: Dead letters put back to PENDING; they leave the store once delivered.
+        self.retrying: set[str] = set()
+
+    def mark_delivered(self, payload_ids: Sequence[str]) -> None:
+        self._wal.mark_delivered(payload_ids)
+        if self.retrying:
+            done = [pid for pid in payload_ids if pid in self.retrying]
+            if done:
+                # Only after the DELIVERED mark is durable may the dead letter go.
+                self._wal.flush()
+                self._dead.forget_delivered(done)
+                self.retrying.difference_update(done)
+
+    def mark_permanent_failure(self, entry: Entry, error: str, attempts: int) -> None:
+        # Dead letter first: once the FAILED mark is in the WAL, the segment holding
+        # the entry may be reclaimed, and the dead-letter store is then its only copy.
+        self._dead.record(entry, error, attempts)
+        self._wal.mark_failed([entry.payload_id])

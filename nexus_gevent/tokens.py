@@ -1,0 +1,96 @@
+"""Bearer tokens: generation, constant-time comparison, and secret files created atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from .errors import ConfigError
+
+#: Mode of a generated secret file: readable by the service's user only.
+SECRET_FILE_MODE = 0o600
+#: Mode of a directory this module creates: it may hold secrets.
+PRIVATE_DIR_MODE = 0o700
+
+
+def generate_token() -> str:
+    """A fresh token: 32 random bytes, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def tokens_equal(a: str, b: str) -> bool:
+    """Whether two tokens are equal, in time that does not depend on where they differ."""
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def ensure_private_dir(path: Path) -> bool:
+    """Create `path` (and its parents) if missing; the leaf gets mode 0700. True if created.
+
+    An existing directory keeps its mode: it is the operator's, not ours.
+    """
+    if path.is_dir():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=PRIVATE_DIR_MODE)
+    except FileExistsError:
+        # Another worker won the race; it applies the mode.
+        return False
+    # mkdir's mode is filtered through the umask; set it exactly.
+    os.chmod(path, PRIVATE_DIR_MODE)
+    return True
+
+
+def load_or_create_secret(path: Path) -> tuple[str, bool]:
+    """The token stored in `path`, generating it first if the file does not exist.
+
+    Returns (token, created). Safe when several processes call it at once: the
+    token is written and fsynced under a private temporary name, then published
+    with os.link, which fails instead of overwriting. The loser of a race reads
+    the winner's token, so every worker ends up with the same one, and no reader
+    ever sees a half-written file.
+    """
+    try:
+        return _read_secret(path), False
+    except FileNotFoundError:
+        pass
+    ensure_private_dir(path.parent)
+    token = generate_token()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
+    try:
+        try:
+            # O_CREAT's mode is filtered through the umask; set it exactly.
+            os.fchmod(fd, SECRET_FILE_MODE)
+            os.write(fd, (token + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return _read_secret(path), False
+        _fsync_dir(path.parent)
+        return token, True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _read_secret(path: Path) -> str:
+    token = path.read_text(encoding="utf-8").rstrip("\r\n")
+    if not token:
+        raise ConfigError(f"secret file {path} is empty; delete it to have a new token generated")
+    return token
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the new directory entry itself survive a crash, not just the file's bytes.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,322 @@
+"""The write-ahead log of one worker: group-committed appends, marks, rotation, reclaim.
+
+Threading model: every file operation (write, fsync, open, unlink) runs in one
+dedicated OS thread, so the gevent hub never waits on the disk. Every piece of
+Python state (batches, accounting) lives on the hub. The thread returns results,
+the hub applies them.
+
+Group commit: appenders add their frame to the open batch and wait on its event.
+One flusher greenlet takes the whole batch, writes it with one write and one
+fdatasync in the thread, and wakes every appender of that batch. Appends arriving
+meanwhile form the next batch, so the batch size follows the load by itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent.threadpool import ThreadPool
+
+from ..entry import Entry
+from ..errors import WalUnavailable
+from . import records
+from ._frame import encode
+from .replay import Progress, ReplayResult, replay_directory
+from .segments import list_segments, segment_path
+
+#: Default segment size: large enough that rotation is rare, small enough that a
+#: settled segment is reclaimed soon after its entries are delivered.
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+
+class _Batch:
+    """Frames waiting for one write+fsync, and who waits for them."""
+
+    __slots__ = ("chunks", "done", "entries", "error", "settled")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.entries: list[str] = []
+        self.settled: list[str] = []
+        self.done = gevent.event.Event()
+        self.error: OSError | None = None
+
+
+class Wal:
+    """One worker's WAL directory. Call replay(), then start(), then append and mark."""
+
+    def __init__(self, directory: Path, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, logger: Any) -> None:
+        self.directory = directory
+        self._segment_bytes = segment_bytes
+        self._log = logger
+        self._pool = ThreadPool(1)
+        # Thread-side state: touched only inside the I/O thread.
+        self._fd = -1
+        self._seg = -1
+        self._offset = 0
+        self._needs_rotation = False
+        # Hub-side state.
+        self._current = _Batch()
+        self._wake = gevent.event.Event()
+        self._flusher: gevent.Greenlet[Any, Any] | None = None
+        self._closing = False
+        self._started = False
+        self._replayed = False
+        self._loc: dict[str, int] = {}
+        self._seg_pending: Counter[int] = Counter()
+        self._segments: list[int] = []
+        self._bytes_on_disk = 0
+        #: The error of the last failed write, None once a write succeeds again.
+        self.last_error: OSError | None = None
+
+    # -- startup -------------------------------------------------------------
+
+    def replay(self, progress: Progress | None = None) -> ReplayResult:
+        """Read the older segments in the I/O thread; returns exactly the PENDING entries.
+
+        May run before or after start(): after it, appends already go to the new
+        segment while the old ones are read, so the worker takes writes at once.
+        """
+        below = self._segments[-1] if self._started else None
+        result: ReplayResult = self._pool.apply(replay_directory, (self.directory, progress), {"below": below})
+        for payload_id, (_entry, seg) in result.pending.items():
+            self._loc.setdefault(payload_id, seg)
+            self._seg_pending[seg] += 1
+        self._segments[:0] = result.segments
+        self._replayed = True
+        for report in result.damage:
+            self._log.error(
+                "wal_damage_skipped",
+                file=str(report.path),
+                offset=report.offset,
+                length=report.length,
+                reason=report.reason,
+            )
+        if self._started:
+            self._bytes_on_disk = self._pool.apply(self._disk_usage)
+            self.reclaim()
+        return result
+
+    def start(self) -> None:
+        """Open a fresh segment (never append after a possibly torn tail) and start the flusher."""
+        existing = self._pool.apply(list_segments, (self.directory,))
+        first = (existing[-1][0] + 1) if existing else 0
+        self._pool.apply(self._open_segment, (first,))
+        if not self._replayed:
+            self._segments = []
+        self._segments.append(first)
+        self._started = True
+        self._bytes_on_disk = self._pool.apply(self._disk_usage)
+        self._flusher = gevent.spawn(self._flush_loop)
+        if self._replayed:
+            self.reclaim()
+
+    # -- the write path ------------------------------------------------------
+
+    def append(self, entry: Entry) -> None:
+        """Return once `entry` is fsynced; raise WalUnavailable if it could not be."""
+        batch = self._enqueue(encode(records.ENTRY, records.encode_entry(entry)))
+        batch.entries.append(entry.payload_id)
+        self._wait(batch)
+
+    def mark_delivered(self, payload_ids: Sequence[str]) -> None:
+        """Record DELIVERED; does not wait, since a lost mark only means a harmless redelivery."""
+        self._mark(records.DELIVERED, payload_ids)
+
+    def mark_discarded(self, payload_ids: Sequence[str]) -> None:
+        """Settle entries that must never be delivered (they lost an idempotency race)."""
+        self._mark(records.DISCARDED, payload_ids)
+
+    def mark_failed(self, payload_ids: Sequence[str]) -> None:
+        """Record PERMANENT_FAILURE; the caller keeps the dead letter's data elsewhere first."""
+        self._mark(records.FAILED, payload_ids)
+
+    def flush(self) -> None:
+        """Wait until everything handed to the WAL so far is durable."""
+        batch = self._current
+        if batch.chunks:
+            self._wake.set()
+            self._wait(batch)
+
+    def close(self) -> None:
+        """Flush, stop the flusher and release the file and the thread. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        self._pool.apply(self._close_fd)
+        self._pool.kill()
+
+    # -- what operators and the service read --------------------------------
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._loc)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes_on_disk
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    def is_pending(self, payload_id: str) -> bool:
+        return payload_id in self._loc
+
+    # -- internals: hub side -------------------------------------------------
+
+    def _enqueue(self, frame: bytes) -> _Batch:
+        if self._closing:
+            raise WalUnavailable("the WAL is closed")
+        batch = self._current
+        batch.chunks.append(frame)
+        self._wake.set()
+        return batch
+
+    def _mark(self, kind: int, payload_ids: Sequence[str]) -> None:
+        if not payload_ids:
+            return
+        batch = self._enqueue(encode(kind, records.encode_ids(payload_ids)))
+        batch.settled.extend(payload_ids)
+
+    @staticmethod
+    def _wait(batch: _Batch) -> None:
+        batch.done.wait()
+        if batch.error is not None:
+            raise WalUnavailable(f"WAL write failed: {batch.error}") from batch.error
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            batch = self._current
+            if not batch.chunks:
+                if self._closing:
+                    return
+                continue
+            self._current = _Batch()
+            buf = b"".join(batch.chunks)
+            try:
+                seg = self._pool.apply(self._write, (buf,))
+            except OSError as exc:
+                batch.error = exc
+                self.last_error = exc
+                self._log.error("wal_write_failed", directory=str(self.directory), error=str(exc), errno=exc.errno)
+            else:
+                self.last_error = None
+                self._bytes_on_disk += len(buf)
+                self._account(seg, batch)
+            batch.done.set()
+
+    def _account(self, seg: int, batch: _Batch) -> None:
+        # Rotation happens in the thread; learn of every segment it opened, even
+        # ones a failed write left empty, so reclaim can delete them.
+        last = self._segments[-1] if self._segments else seg - 1
+        self._segments.extend(range(last + 1, seg + 1))
+        for payload_id in batch.entries:
+            self._loc[payload_id] = seg
+            self._seg_pending[seg] += 1
+        for payload_id in batch.settled:
+            where = self._loc.pop(payload_id, None)
+            if where is not None:
+                self._seg_pending[where] -= 1
+        if batch.settled and len(self._segments) > 1 and self._replayed:
+            self.reclaim()
+
+    def reclaim(self) -> None:
+        """Delete the oldest segments while every entry in them is settled.
+
+        Only a prefix is deleted: a mark always lives in the same or a later
+        segment than its entry, so deleting oldest-first never strands an entry
+        whose settling mark was removed.
+        """
+        if not self._replayed:
+            # Before replay, no segment's pending count is known yet.
+            return
+        doomed: list[int] = []
+        for seg in self._segments[:-1]:
+            if self._seg_pending.get(seg, 0) > 0:
+                break
+            doomed.append(seg)
+        if not doomed:
+            return
+        freed: int = self._pool.apply(self._unlink, (doomed,))
+        del self._segments[: len(doomed)]
+        for seg in doomed:
+            self._seg_pending.pop(seg, None)
+        self._bytes_on_disk = max(0, self._bytes_on_disk - freed)
+        self._log.info("wal_segments_reclaimed", directory=str(self.directory), segments=len(doomed), bytes=freed)
+
+    # -- internals: I/O thread -----------------------------------------------
+
+    def _open_segment(self, number: int) -> None:
+        fd = os.open(
+            segment_path(self.directory, number),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
+        self._fsync_dir()
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._seg, self._offset = fd, number, 0
+        self._needs_rotation = False
+
+    def _write(self, buf: bytes) -> int:
+        if self._needs_rotation:
+            self._open_segment(self._seg + 1)
+        start = self._offset
+        try:
+            view = memoryview(buf)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fdatasync(self._fd)
+        except OSError:
+            # Cut the partial batch off so the file ends on a whole record, and move
+            # to a fresh file: after a failed fsync the page cache cannot be trusted.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            self._needs_rotation = True
+            raise
+        seg = self._seg
+        self._offset += len(buf)
+        if self._offset >= self._segment_bytes:
+            self._needs_rotation = True
+        return seg
+
+    def _unlink(self, numbers: list[int]) -> int:
+        freed = 0
+        for number in numbers:
+            path = segment_path(self.directory, number)
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+        self._fsync_dir()
+        return freed
+
+    def _disk_usage(self) -> int:
+        return sum(path.stat().st_size for _n, path in list_segments(self.directory))
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,69 @@
+"""What the WAL's record bodies mean: entries and the marks that settle them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from ..entry import Entry
+
+ENTRY = ord("E")
+DELIVERED = ord("D")
+FAILED = ord("F")
+#: An entry that lost an idempotency race: settled without delivery.
+DISCARDED = ord("X")
+
+SETTLING_KINDS = frozenset((DELIVERED, FAILED, DISCARDED))
+KIND_NAMES = {ENTRY: "entry", DELIVERED: "delivered", FAILED: "failed", DISCARDED: "discarded"}
+
+_ID_LEN = 32
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """Metadata as one JSON line, then the payload's bytes exactly as the client sent them.
+
+    Keeping the payload out of the JSON means replay never re-parses or re-encodes it.
+    orjson never emits a raw newline, so the first newline ends the metadata.
+    """
+    meta = {
+        "i": entry.payload_id,
+        "s": entry.source,
+        "d": entry.destination,
+        "t": entry.received_at,
+    }
+    if entry.subject is not None:
+        meta["j"] = entry.subject
+    if entry.idempotency_key is not None:
+        meta["k"] = entry.idempotency_key
+    return orjson.dumps(meta) + b"\n" + entry.payload
+
+
+def decode_entry(body: bytes) -> Entry:
+    """Inverse of encode_entry; raises ValueError on a body that is not an entry."""
+    cut = body.find(b"\n")
+    if cut < 0:
+        raise ValueError("entry record without a metadata line")
+    meta = orjson.loads(body[:cut])
+    return Entry(
+        payload_id=meta["i"],
+        source=meta["s"],
+        destination=meta["d"],
+        received_at=meta["t"],
+        subject=meta.get("j"),
+        idempotency_key=meta.get("k"),
+        payload=body[cut + 1 :],
+    )
+
+
+def encode_ids(payload_ids: Sequence[str]) -> bytes:
+    """Several payload ids, fixed width, no separators: a mark costs 32 bytes an id."""
+    return "".join(payload_ids).encode("ascii")
+
+
+def decode_ids(body: bytes) -> list[str]:
+    """Inverse of encode_ids; raises ValueError on a body of the wrong length."""
+    if len(body) % _ID_LEN:
+        raise ValueError("mark record of a length that is not a whole number of ids")
+    text = body.decode("ascii")
+    return [text[i : i + _ID_LEN] for i in range(0, len(text), _ID_LEN)]

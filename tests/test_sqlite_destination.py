@@ -1,0 +1,459 @@
+"""The SQLite destination, against real database files."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent  # type: ignore[import-untyped, unused-ignore]
+import orjson
+import pytest
+
+from nexus_gevent.destinations import open_destination, sqlite_path
+from nexus_gevent.destinations.sqlite import (
+    SCHEMA_VERSION,
+    SQLiteDestination,
+    classify_sqlite_error,
+    decode_cursor,
+    encode_cursor,
+)
+from nexus_gevent.entry import Entry
+from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+DEST = "main"
+
+
+def make_entry(
+    i: int,
+    *,
+    source: str = "default",
+    subject: str | None = None,
+    payload: bytes | None = None,
+) -> Entry:
+    return Entry(
+        payload_id=f"{i:032x}",
+        source=source,
+        destination=DEST,
+        payload=payload if payload is not None else orjson.dumps({"n": i}),
+        received_at=1_700_000_000.0 + i,
+        subject=subject,
+        idempotency_key=f"key-{i}",
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "nexus.db")
+
+
+@pytest.fixture
+def dest(db_path: str) -> Iterator[SQLiteDestination]:
+    d = SQLiteDestination(DEST, db_path)
+    yield d
+    d.close()
+
+
+def raw(db_path: str) -> sqlite3.Connection:
+    """A plain connection from the test's own thread, as another process would have."""
+    return sqlite3.connect(db_path, isolation_level=None)
+
+
+class TestOpenDestination:
+    def test_three_slashes_give_a_relative_path(self) -> None:
+        """sqlite:///var/nexus.db names var/nexus.db, relative to the working directory."""
+        assert sqlite_path("sqlite:///var/nexus.db") == "var/nexus.db"
+
+    def test_four_slashes_give_an_absolute_path(self) -> None:
+        """sqlite:////abs/x.db names /abs/x.db."""
+        assert sqlite_path("sqlite:////abs/x.db") == "/abs/x.db"
+
+    @pytest.mark.parametrize(
+        "url", ["sqlite:///", "sqlite://host/x.db", "sqlite:///dir/", "sqlite:///x.db?mode=ro"]
+    )
+    def test_unusable_sqlite_urls_are_config_errors(self, url: str) -> None:
+        """A SQLite URL without a file, with a host, or with options is refused."""
+        with pytest.raises(ConfigError):
+            sqlite_path(url)
+
+    def test_sqlite_url_opens_a_sqlite_destination(self, tmp_path: Path) -> None:
+        """open_destination dispatches sqlite:// to SQLiteDestination, with name and path."""
+        d = open_destination("archive", f"sqlite:///{tmp_path}/a.db")
+        try:
+            assert isinstance(d, SQLiteDestination)
+            assert d.name == "archive"
+            assert d.path == f"{tmp_path}/a.db"
+        finally:
+            d.close()
+
+    @pytest.mark.parametrize("url", ["postgresql://u:pw@h/db", "postgres://u:pw@h/db"])
+    def test_postgres_is_not_supported_yet(self, url: str) -> None:
+        """PostgreSQL URLs are recognised but refused with a ConfigError for now."""
+        with pytest.raises(ConfigError, match="not supported yet"):
+            open_destination("pg", url)
+
+    @pytest.mark.parametrize("url", ["mysql://u:secret@h/db", "nexus.db"])
+    def test_unknown_scheme_is_a_config_error_without_the_url(self, url: str) -> None:
+        """An unknown scheme is a ConfigError whose message does not echo a possible password."""
+        with pytest.raises(ConfigError) as info:
+            open_destination("x", url)
+        assert "secret" not in str(info.value)
+
+
+class TestSchema:
+    def test_table_has_the_contract_columns(self, dest: SQLiteDestination, db_path: str) -> None:
+        """nexus_entries has the contract's columns, payload_id as primary key, NOT NULL where required."""
+        dest.probe()
+        info = {row[1]: row for row in raw(db_path).execute("PRAGMA table_info(nexus_entries)")}
+        assert set(info) == {
+            "payload_id", "seq", "source", "destination", "subject", "idempotency_key",
+            "received_at", "delivered_at", "payload",
+        }
+        not_null = {name for name, row in info.items() if row[3]}
+        assert not_null == set(info) - {"subject", "idempotency_key"}
+        assert [name for name, row in info.items() if row[5]] == ["payload_id"]
+        assert info["payload_id"][2] == "TEXT"
+
+    def test_pragmas_are_wal_full_and_busy_timeout(self, db_path: str) -> None:
+        """The file is in WAL mode; the connection syncs FULL and waits busy_timeout for locks."""
+        d = SQLiteDestination(DEST, db_path, busy_timeout_ms=1234)
+        try:
+            d.probe()
+
+            def settings() -> tuple[object, ...]:
+                conn = d._connection()  # the connection lives in the pool thread
+                return tuple(conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("synchronous", "busy_timeout"))
+
+            assert d._run(settings) == (2, 1234)  # 2 is FULL
+            assert raw(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            d.close()
+
+    def test_missing_parent_directory_is_created(self, tmp_path: Path) -> None:
+        """A database path in a directory that does not exist yet works."""
+        d = SQLiteDestination(DEST, str(tmp_path / "a" / "b" / "nexus.db"))
+        try:
+            d.write([make_entry(1)])
+            assert d.count() == 1
+        finally:
+            d.close()
+
+    def test_reopening_a_version_1_file_is_a_no_op_migration(self, db_path: str) -> None:
+        """A file already at version 1 keeps its schema and rows when opened again."""
+        first = SQLiteDestination(DEST, db_path)
+        first.write([make_entry(1)])
+        first.close()
+        schema_before = raw(db_path).execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+
+        second = SQLiteDestination(DEST, db_path)
+        try:
+            second.probe()
+            assert second.count() == 1
+        finally:
+            second.close()
+        conn = raw(db_path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall() == schema_before
+
+    def test_a_newer_schema_version_makes_the_destination_unavailable(self, db_path: str) -> None:
+        """A file migrated by newer code is not touched; probe reports it unavailable."""
+        raw(db_path).execute("PRAGMA user_version = 99")
+        d = SQLiteDestination(DEST, db_path)
+        try:
+            with pytest.raises(DestinationUnavailable, match="newer"):
+                d.probe()
+        finally:
+            d.close()
+        assert raw(db_path).execute("PRAGMA user_version").fetchone()[0] == 99
+
+    def test_an_unopenable_file_makes_the_destination_unavailable(self, tmp_path: Path) -> None:
+        """A path that cannot hold a database reads as unavailable, not as a crash."""
+        (tmp_path / "file").write_text("not a directory")
+        d = SQLiteDestination(DEST, str(tmp_path / "file" / "nexus.db"))
+        try:
+            with pytest.raises(DestinationUnavailable):
+                d.probe()
+            with pytest.raises(DestinationUnavailable):
+                d.write([make_entry(1)])
+        finally:
+            d.close()
+
+
+class TestWrite:
+    def test_row_holds_the_entry_and_utc_timestamps(self, dest: SQLiteDestination, db_path: str) -> None:
+        """A written row carries every entry field, JSON text, and microsecond UTC 'Z' timestamps."""
+        entry = make_entry(7, source="web", subject="orders")
+        before = time.time()
+        dest.write([entry])
+        row = raw(db_path).execute(
+            "SELECT payload_id, source, destination, subject, idempotency_key, received_at,"
+            " delivered_at, payload FROM nexus_entries"
+        ).fetchone()
+        assert row[:5] == (entry.payload_id, "web", DEST, "orders", "key-7")
+        assert row[5] == "2023-11-14T22:13:27.000000Z"
+        assert TIMESTAMP.fullmatch(row[6])
+        assert row[6] >= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(before))
+        assert orjson.loads(row[7]) == {"n": 7}
+
+    def test_same_payload_id_twice_leaves_one_row(self, dest: SQLiteDestination) -> None:
+        """Rewriting a payload_id, in a later batch or the same one, keeps exactly one row."""
+        dest.write([make_entry(1)])
+        dest.write([make_entry(1), make_entry(2)])
+        dest.write([make_entry(3), make_entry(3)])
+        assert dest.count() == 3
+
+    def test_a_large_batch_is_stored(self, dest: SQLiteDestination) -> None:
+        """A batch of 2,000 entries lands whole."""
+        dest.write([make_entry(i) for i in range(2000)])
+        assert dest.count() == 2000
+
+    def test_a_batch_is_all_or_nothing(self, dest: SQLiteDestination) -> None:
+        """One refused entry rolls back the whole batch and the connection stays usable."""
+        batch = [make_entry(i) for i in range(10)] + [make_entry(10, payload=b"[1, 2]")]
+        with pytest.raises(EntryRejected, match="payload_is_json_object"):
+            dest.write(batch)
+        assert dest.count() == 0
+        dest.write(batch[:10])
+        assert dest.count() == 10
+
+    @pytest.mark.parametrize("payload", [b"not json", b'"a string"', b"\xff\xfe{}"])
+    def test_a_payload_that_is_not_a_utf8_json_object_is_rejected(
+        self, dest: SQLiteDestination, payload: bytes
+    ) -> None:
+        """Invalid JSON, a non-object, or bytes that are not UTF-8 raise EntryRejected."""
+        with pytest.raises(EntryRejected):
+            dest.write([make_entry(1, payload=payload)])
+        assert dest.count() == 0
+
+    def test_a_refused_write_is_raised_not_printed_by_the_hub(
+        self, dest: SQLiteDestination, capfd: pytest.CaptureFixture[str]
+    ) -> None:
+        """An expected failure reaches the caller only; gevent's hub prints no traceback for it."""
+        with pytest.raises(EntryRejected):
+            dest.write([make_entry(1, payload=b"[]")])
+        assert capfd.readouterr().err == ""
+
+    def test_close_is_idempotent_and_later_calls_are_unavailable(self, db_path: str) -> None:
+        """close() twice is fine; a closed destination reports itself unavailable."""
+        d = SQLiteDestination(DEST, db_path)
+        d.write([make_entry(1)])
+        d.close()
+        d.close()
+        with pytest.raises(DestinationUnavailable, match="closed"):
+            d.write([make_entry(2)])
+        with pytest.raises(DestinationUnavailable):
+            d.probe()
+
+    def test_close_without_any_use(self, db_path: str) -> None:
+        """A destination never used closes without creating the file."""
+        SQLiteDestination(DEST, db_path).close()
+        assert not Path(db_path).exists()
+
+
+class TestClassifySqliteError:
+    @pytest.mark.parametrize(
+        "message",
+        [
+            "database is locked",
+            "unable to open database file",
+            "disk I/O error",
+            "database or disk is full",
+            "attempt to write a readonly database",
+        ],
+    )
+    def test_unavailability_messages_map_to_unavailable(self, message: str) -> None:
+        """OperationalErrors without a result code are classified by their message."""
+        assert isinstance(classify_sqlite_error(sqlite3.OperationalError(message)), DestinationUnavailable)
+
+    def test_extended_io_error_code_maps_to_unavailable(self) -> None:
+        """An extended result code (SQLITE_IOERR_FSYNC) counts by its primary code."""
+        exc = sqlite3.OperationalError("some wording we do not know")
+        exc.sqlite_errorcode = 1034  # SQLITE_IOERR_FSYNC
+        assert isinstance(classify_sqlite_error(exc), DestinationUnavailable)
+
+    @pytest.mark.parametrize(
+        "exc",
+        [
+            sqlite3.IntegrityError("NOT NULL constraint failed: nexus_entries.source"),
+            sqlite3.DataError("string or blob too big"),
+            sqlite3.ProgrammingError("Incorrect number of bindings supplied"),
+            sqlite3.OperationalError("no such table: nexus_entries"),
+            UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+            ValueError("something else"),
+        ],
+    )
+    def test_everything_else_rejects_the_entry(self, exc: Exception) -> None:
+        """Errors not known to mean "unavailable" are EntryRejected, with the cause in the message."""
+        classified = classify_sqlite_error(exc)
+        assert isinstance(classified, EntryRejected)
+        assert str(exc) in str(classified)
+
+    def test_a_real_lock_timeout_maps_to_unavailable(self, db_path: str) -> None:
+        """'database is locked' from a real busy timeout is DestinationUnavailable, chained."""
+        d = SQLiteDestination(DEST, db_path, busy_timeout_ms=50)
+        try:
+            d.probe()
+            blocker = raw(db_path)
+            blocker.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(DestinationUnavailable) as info:
+                d.write([make_entry(1)])
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+            assert "database is locked" in str(info.value.__cause__)
+            blocker.execute("ROLLBACK")
+            d.write([make_entry(1)])
+            assert d.count() == 1
+        finally:
+            d.close()
+
+
+class TestCooperation:
+    def _ticker(self) -> tuple[list[int], gevent.Greenlet[[], None]]:
+        ticks = [0]
+
+        def tick() -> None:
+            while True:
+                gevent.sleep(0.01)
+                ticks[0] += 1
+
+        return ticks, gevent.spawn(tick)
+
+    def test_other_greenlets_run_while_a_write_waits_for_a_lock(self, db_path: str) -> None:
+        """A write stuck in SQLite's busy wait blocks only its greenlet, not the hub."""
+        d = SQLiteDestination(DEST, db_path, busy_timeout_ms=1000)
+        blocker = raw(db_path)
+        try:
+            d.probe()
+            blocker.execute("BEGIN EXCLUSIVE")
+            ticks, ticker = self._ticker()
+            started = time.monotonic()
+            with pytest.raises(DestinationUnavailable):
+                d.write([make_entry(1)])
+            waited = time.monotonic() - started
+            gevent.kill(ticker)
+            assert waited >= 0.9
+            # About 100 ticks fit in the wait; on the hub there would be none.
+            assert ticks[0] >= 30
+        finally:
+            blocker.close()
+            d.close()
+
+    def test_a_write_waiting_for_a_lock_succeeds_once_it_is_released(self, db_path: str) -> None:
+        """A greenlet can release the lock while another greenlet's write is waiting for it."""
+        d = SQLiteDestination(DEST, db_path)
+        blocker = raw(db_path)
+        try:
+            d.probe()
+            blocker.execute("BEGIN EXCLUSIVE")
+
+            def release_later() -> None:
+                gevent.sleep(0.3)
+                blocker.execute("ROLLBACK")
+
+            releaser = gevent.spawn(release_later)
+            started = time.monotonic()
+            d.write([make_entry(1)])
+            assert time.monotonic() - started >= 0.25
+            releaser.join()
+            assert d.count() == 1
+        finally:
+            blocker.close()
+            d.close()
+
+
+class TestQuery:
+    def test_paging_returns_every_row_once_oldest_first(self, dest: SQLiteDestination) -> None:
+        """Following `next` through pages of 7 yields all 25 rows once, in write order, then None."""
+        order = [12, 3, 25, 1, 7] + [i for i in range(30, 50)]
+        for i in order:
+            dest.write([make_entry(i)])
+        seen: list[str] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            records, cursor = dest.query(limit=7, after=cursor)
+            pages += 1
+            seen.extend(str(r["payload_id"]) for r in records)
+            if cursor is None:
+                break
+        assert seen == [f"{i:032x}" for i in order]
+        assert pages == 4
+
+    def test_an_exactly_full_last_page_has_no_next(self, dest: SQLiteDestination) -> None:
+        """When the rows end on a page boundary, that page's `next` is None."""
+        dest.write([make_entry(i) for i in range(4)])
+        first, cursor = dest.query(limit=2)
+        assert cursor is not None
+        second, cursor = dest.query(limit=2, after=cursor)
+        assert cursor is None
+        assert [r["payload_id"] for r in first + second] == [f"{i:032x}" for i in range(4)]
+
+    def test_records_have_the_contract_shape(self, dest: SQLiteDestination) -> None:
+        """A record has exactly the contract's keys and its payload as a JSON value."""
+        dest.write([make_entry(1, source="web", subject="s")])
+        records, cursor = dest.query()
+        assert cursor is None
+        (record,) = records
+        assert set(record) == {
+            "payload_id", "source", "subject", "idempotency_key", "received_at", "delivered_at", "payload",
+        }
+        assert record["payload"] == {"n": 1}
+        assert record["source"] == "web"
+        assert record["subject"] == "s"
+        assert record["idempotency_key"] == "key-1"
+        assert record["received_at"] == "2023-11-14T22:13:21.000000Z"
+        assert TIMESTAMP.fullmatch(str(record["delivered_at"]))
+
+    def test_filters_by_source_and_subject(self, dest: SQLiteDestination) -> None:
+        """source and subject narrow the rows, alone or together, and paging still works."""
+        dest.write(
+            [
+                make_entry(i, source="a" if i % 2 else "b", subject="x" if i % 3 else None)
+                for i in range(30)
+            ]
+        )
+
+        def all_ids(**filters: str) -> list[str]:
+            ids: list[str] = []
+            cursor: str | None = None
+            while True:
+                records, cursor = dest.query(limit=4, after=cursor, **filters)
+                ids.extend(str(r["payload_id"]) for r in records)
+                if cursor is None:
+                    return ids
+
+        assert all_ids(source="a") == [f"{i:032x}" for i in range(30) if i % 2]
+        assert all_ids(subject="x") == [f"{i:032x}" for i in range(30) if i % 3]
+        assert all_ids(source="b", subject="x") == [f"{i:032x}" for i in range(30) if not i % 2 and i % 3]
+        assert all_ids(source="nobody") == []
+
+    def test_only_this_destinations_rows_are_returned(self, dest: SQLiteDestination, db_path: str) -> None:
+        """Two destinations sharing one file each see only the rows they stored."""
+        other = SQLiteDestination("other", db_path)
+        try:
+            dest.write([make_entry(1)])
+            other.write([make_entry(2)])
+            assert [r["payload_id"] for r in dest.query()[0]] == [f"{1:032x}"]
+            assert [r["payload_id"] for r in other.query()[0]] == [f"{2:032x}"]
+            assert other.count() == 1
+        finally:
+            other.close()
+
+    @pytest.mark.parametrize(
+        "cursor", ["", "!!!", "not a cursor", encode_cursor(5) + "$", "c2VxOi0x", "eHl6OjE", "c2VxOg", encode_cursor(2**63)]
+    )
+    def test_a_malformed_cursor_raises_value_error(self, dest: SQLiteDestination, cursor: str) -> None:
+        """Cursors not made by this destination (bad base64, wrong prefix, negative, empty, overflowing) raise ValueError."""
+        with pytest.raises(ValueError):
+            dest.query(after=cursor)
+
+    def test_cursor_round_trips(self) -> None:
+        """decode_cursor inverts encode_cursor."""
+        assert decode_cursor(encode_cursor(123456789)) == 123456789
+
+    def test_limit_below_one_is_refused(self, dest: SQLiteDestination) -> None:
+        """limit=0 raises ValueError rather than returning an empty page with a cursor."""
+        with pytest.raises(ValueError):
+            dest.query(limit=0)
