@@ -14,8 +14,8 @@ worker_class = "nexus_gevent.gunicorn_worker.NexusWorker"
 worker_connections = 1000
 # The drain must fit inside both: graceful_timeout bounds a SIGTERM'd worker, the
 # heartbeat timeout one leaving by itself (the drain also sends heartbeats).
-graceful_timeout = _drain_timeout + 10
-timeout = _drain_timeout + 10
+graceful_timeout = int(_drain_timeout) + 10
+timeout = int(_drain_timeout) + 10
 # Above nginx's upstream keepalive_timeout (60 s in deploy/nginx.conf), so nginx
 # never reuses a connection gunicorn has just closed ("upstream prematurely closed").
 keepalive = 75
@@ -33,7 +33,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
 
     settings = load_settings()
     for path in settings.generated_secrets:
-        server.log.info("bearer token file: %s (mode 0600)", path)
+        server.log.info("generated secret kept in %s (mode 0600)", path)
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]

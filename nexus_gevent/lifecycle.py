@@ -26,7 +26,7 @@ def boot(settings: Settings | None = None) -> falcon.App:
     configure_logging(settings.log_level)
     log = get_logger("nexus_gevent")
     for path in settings.generated_secrets:
-        log.info("token_file", path=str(path), hint="this file holds a generated secret (mode 0600)")
+        log.debug("secret_file", path=str(path))
     service = Service(settings, log)
     service.start()
     _service = service

@@ -111,6 +111,13 @@ class Service:
                 last[0] = now
                 self._log.info("wal_replay_progress", records=done, segments_done=segs_done, segments=segs)
 
+        for name, destination in self.destinations.items():
+            # Opens the destination and creates its table now rather than at the
+            # first delivery; a failure here is only logged, delivery will probe.
+            try:
+                destination.probe()
+            except Exception as exc:
+                self._log.warning("destination_unavailable_at_start", destination=name, error=str(exc))
         result = self.wal.replay(progress)
         self.replay_result = result
         losers = self.index.claim_many(
