@@ -74,7 +74,7 @@ DEFAULT_WAL_SEGMENT_BYTES = 64 * 1024 * 1024
 
 DEFAULT_NAME = "default"
 SECRETS_DIRNAME = "secrets"
-ADMIN_TOKEN_FILENAME = "admin-token"
+ADMIN_TOKEN_FILENAME = "admin-token"  # noqa: S105 -- a file name, not a secret
 
 ShedPolicy = Literal["durable", "reject"]
 
@@ -215,7 +215,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     secrets_dir = data_dir / SECRETS_DIRNAME
     touched: list[Path] = []
     resolved: list[SourceSettings] = []
-    for name, token, destination in sources:
+    for name, explicit, destination in sources:
+        token = explicit
         if token is None:
             path = secrets_dir / f"token-{name}"
             token = _secret(path)
@@ -356,9 +357,7 @@ def _tables(layers: _Layers, key: str, allowed: frozenset[str]) -> list[dict[str
     for table in raw:
         unknown = sorted(set(table) - allowed)
         if unknown:
-            raise ConfigError(
-                f"unknown key(s) {', '.join(unknown)} in [[{key}]] in {layers.origin}"
-            )
+            raise ConfigError(f"unknown key(s) {', '.join(unknown)} in [[{key}]] in {layers.origin}")
     return raw
 
 
@@ -369,8 +368,7 @@ def _name(table: dict[str, object], kind: str, layers: _Layers) -> str:
         raise ConfigError(f"every entry of {where} needs a name (a string)")
     if not _NAME.fullmatch(name) or set(name) == {"."}:
         raise ConfigError(
-            f"{kind} name {name!r} in {layers.origin}: use 1-64 characters from "
-            "A-Z a-z 0-9 _ . - (and not only dots)"
+            f"{kind} name {name!r} in {layers.origin}: use 1-64 characters from A-Z a-z 0-9 _ . - (and not only dots)"
         )
     return name
 
@@ -453,9 +451,7 @@ def _sources(layers: _Layers, known_destinations: set[str]) -> list[_SourceSpec]
         if name == DEFAULT_NAME and env_token is not None:
             specs.append((name, env_token, destination))
         elif "token" in table:
-            specs.append(
-                (name, _token(table["token"], f"token of {where}", layers.env), destination)
-            )
+            specs.append((name, _token(table["token"], f"token of {where}", layers.env), destination))
         else:
             specs.append((name, None, destination))
     return specs

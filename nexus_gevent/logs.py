@@ -21,7 +21,7 @@ from typing import IO, Any, TextIO, cast
 
 import orjson
 import structlog
-from gunicorn.glogging import Logger as _GunicornBaseLogger  # type: ignore[import-untyped]
+from gunicorn.glogging import Logger as _GunicornBaseLogger
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from .errors import ConfigError
@@ -30,9 +30,7 @@ REDACTED = "[redacted]"
 
 #: Keys whose values are replaced by REDACTED, compared case-insensitively
 #: ("-" counts as "_", so header-style names match too).
-SENSITIVE_KEYS = frozenset(
-    {"authorization", "token", "admin_token", "password", "body", "payload", "secret"}
-)
+SENSITIVE_KEYS = frozenset({"authorization", "token", "admin_token", "password", "body", "payload", "secret"})
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -144,9 +142,7 @@ def _json_renderer(*, as_bytes: bool) -> Processor:
 
 def make_stdlib_formatter(*, json: bool, colors: bool = False) -> logging.Formatter:
     """A logging.Formatter that renders stdlib records exactly like our structlog lines."""
-    renderer: Processor = (
-        _json_renderer(as_bytes=False) if json else structlog.dev.ConsoleRenderer(colors=colors)
-    )
+    renderer: Processor = _json_renderer(as_bytes=False) if json else structlog.dev.ConsoleRenderer(colors=colors)
     pre_chain: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -190,9 +186,7 @@ class _RootHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler configure_logging installs on the root logger (found again by type)."""
 
 
-def configure_logging(
-    level: str = "INFO", *, json: bool | None = None, stream: IO[str] | None = None
-) -> None:
+def configure_logging(level: str = "INFO", *, json: bool | None = None, stream: IO[str] | None = None) -> None:
     """Configure structlog and the stdlib root logger to write to `stream` (default stdout).
 
     json=None means JSON unless the stream is a terminal, where a human-readable
@@ -250,9 +244,7 @@ def get_logger(name: str | None = None) -> FilteringBoundLogger:
     """A structlog logger; `name`, if given, appears as the line's "logger" field."""
     # The name travels as a logger-factory argument ("logger" cannot be an
     # initial value: it collides with wrap_logger's own parameter).
-    logger: FilteringBoundLogger = (
-        structlog.get_logger(name) if name is not None else structlog.get_logger()
-    )
+    logger: FilteringBoundLogger = structlog.get_logger(name) if name is not None else structlog.get_logger()
     return logger
 
 
@@ -278,11 +270,7 @@ class GunicornLogger(_GunicornBaseLogger):  # type: ignore[misc]
                     continue
                 if not isinstance(handler, logging.StreamHandler):
                     continue
-                if (
-                    log is self.error_log
-                    and cfg.errorlog == "-"
-                    and not isinstance(handler, logging.FileHandler)
-                ):
+                if log is self.error_log and cfg.errorlog == "-" and not isinstance(handler, logging.FileHandler):
                     handler.setStream(sys.stdout)
                 tty = _isatty(handler.stream)
                 handler.setFormatter(make_stdlib_formatter(json=not tty, colors=tty))

@@ -22,9 +22,7 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _race_in_process(
-    path: str, barrier: ProcessBarrier, results: ProcessQueue[tuple[str, bool]]
-) -> None:
+def _race_in_process(path: str, barrier: ProcessBarrier, results: ProcessQueue[tuple[str, bool]]) -> None:
     barrier.wait()
     results.put(load_or_create_secret(Path(path)))
 
@@ -128,10 +126,7 @@ class TestLoadOrCreateSecret:
         ctx = multiprocessing.get_context("fork")
         barrier = ctx.Barrier(RACERS)
         results: ProcessQueue[tuple[str, bool]] = ctx.Queue()
-        procs = [
-            ctx.Process(target=_race_in_process, args=(str(path), barrier, results))
-            for _ in range(RACERS)
-        ]
+        procs = [ctx.Process(target=_race_in_process, args=(str(path), barrier, results)) for _ in range(RACERS)]
         # When: each loads-or-creates the secret
         for proc in procs:
             proc.start()
