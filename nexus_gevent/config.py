@@ -60,9 +60,9 @@ DEFAULT_QUEUE_WORKERS = 4
 DEFAULT_MAX_ATTEMPTS = 5
 #: Contract default: seconds before the first retry, doubling after.
 DEFAULT_INITIAL_BACKOFF = 1.0
-#: Fits inside gunicorn's graceful_timeout (30 s), which ends in SIGKILL, and
-#: its heartbeat timeout (30 s), leaving 10 s to close the WAL and pools
-#: (see gunicorn.conf.py).
+#: Fits inside gunicorn's graceful_timeout (ends in SIGKILL) and heartbeat
+#: timeout (ends in SIGABRT), both 30 s by default, leaving 10 s to close the
+#: WAL and pools (gunicorn.conf.py keeps both at this plus 10 s).
 DEFAULT_DRAIN_TIMEOUT = 20.0
 #: Contract default: the largest request body accepted.
 DEFAULT_MAX_BODY_BYTES = 1_048_576
@@ -549,7 +549,7 @@ def _make_dir(path: Path) -> None:
 def _secret(path: Path) -> str:
     try:
         token, _ = load_or_create_secret(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot read or create the token file {path}: {exc.strerror}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read or create the token file {path}: {exc}") from exc
     _check_token(token, f"token file {path}")
     return token

@@ -6,10 +6,12 @@ level (psycopg decides at first import whether to cooperate with gevent).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from gunicorn.workers.ggevent import GeventWorker  # type: ignore[import-untyped]
 
+_LIFECYCLE = "nexus_gevent.lifecycle"
 #: Kept between the drain's deadline and gunicorn's SIGKILL, for closing files.
 DRAIN_MARGIN_SECONDS = 5.0
 
@@ -29,14 +31,16 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
-        from nexus_gevent import lifecycle
-
-        lifecycle.begin_shutdown()
+        # Never import inside a signal handler: it may interrupt that very import.
+        lifecycle = sys.modules.get(_LIFECYCLE)
+        if lifecycle is not None:
+            lifecycle.begin_shutdown()
 
     def run(self) -> None:
         super().run()
-        from nexus_gevent import lifecycle
-
+        lifecycle = sys.modules.get(_LIFECYCLE)
+        if lifecycle is None:
+            return  # an app that is not ours (the benchmark's bare ceiling)
         service = lifecycle.current()
         if service is None:
             return

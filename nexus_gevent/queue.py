@@ -181,7 +181,11 @@ class Queue:
             try:
                 first = self._q.get()
             except gevent.queue.ShutDown:
-                return
+                # shutdown() throws into parked getters even when entries were put
+                # just before it (the wake-up had not run yet); those are still owed.
+                if not self._q.qsize():
+                    return
+                first = self._q.get_nowait()
             batch = [first]
             while len(batch) < self._cfg.batch_max:
                 try:
@@ -229,12 +233,14 @@ class Queue:
     def _retry(self, entries: list[Entry], failures: int, attempts: dict[str, int], error: Exception) -> None:
         """Retry each entry alone; all of them share one backoff schedule."""
         remaining = entries
+        # Each dead letter records its own entry's last error (listed by the admin API).
+        last_error = {e.payload_id: error for e in entries}
         while True:
             if failures:
                 left = [e for e in remaining if attempts.get(e.payload_id, 0) < self._cfg.max_attempts]
                 for entry in remaining:
                     if attempts.get(entry.payload_id, 0) >= self._cfg.max_attempts:
-                        self._dead_letter(entry, str(error), attempts[entry.payload_id])
+                        self._dead_letter(entry, str(last_error[entry.payload_id]), attempts[entry.payload_id])
                 remaining = left
                 if not remaining:
                     return
@@ -250,7 +256,7 @@ class Queue:
                     raise
                 except Exception as exc:
                     attempts[entry.payload_id] = attempts.get(entry.payload_id, 0) + 1
-                    error = exc
+                    last_error[entry.payload_id] = exc
                     self._warn([entry], exc, attempt=attempts[entry.payload_id])
                     still.append(entry)
                 else:
@@ -312,13 +318,17 @@ class Queue:
         on_processed, on_delivered = self._cfg.on_processed, self._cfg.on_delivered
         for entry in entries:
             self._acks.append(entry.payload_id)
-            try:
-                if on_processed is not None:
+            # Separate guards: a failing metric callback must not skip cache invalidation.
+            if on_processed is not None:
+                try:
                     on_processed()
-                if on_delivered is not None:
+                except Exception:  # noqa: BLE001 - a callback's failure is logged, never the worker's
+                    self._log.exception("delivery_callback_failed", callback="on_processed")
+            if on_delivered is not None:
+                try:
                     on_delivered(self._dest.name)
-            except Exception:
-                self._log.exception("delivery_callback_failed")
+                except Exception:  # noqa: BLE001 - a callback's failure is logged, never the worker's
+                    self._log.exception("delivery_callback_failed", callback="on_delivered")
         self._ack_first.set()
         if len(self._acks) >= ACK_FLUSH_COUNT:
             self._ack_due.set()
@@ -342,7 +352,6 @@ class Queue:
             self._ack_due.clear()
             self._flush_acks()
             if self._ack_stop:
-                self._flush_acks()
                 return
 
     def _flush_acks(self) -> None:

@@ -8,6 +8,7 @@ events, joins and `wait_until`, never on a bare sleep.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -305,7 +306,7 @@ class TestRetry:
         # Then: four attempts, each gap at least double the one before
         times = [c.at for c in h.destination.calls_for(entry.payload_id)]
         assert len(times) == 4
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         for gap, expected in zip(gaps, [0.05, 0.1, 0.2], strict=True):
             assert gap >= expected * TIMER_SLACK, (gaps, expected)
         warned = [r for r in h.logger.at("warning") if r.event == "delivery_failed"]

@@ -132,11 +132,14 @@ class RecordingLogger:
 
 
 class FaultyCall:
-    """Wraps a real os function: counts calls, fails the first `failures` of them with `err`."""
+    """Wraps a real os function: counts calls; after `successes` real calls, fails the next `failures` with `err`."""
 
-    def __init__(self, real: Callable[[int], None], *, failures: int = 0, err: int = errno.ENOSPC) -> None:
+    def __init__(
+        self, real: Callable[[int], None], *, successes: int = 0, failures: int = 0, err: int = errno.ENOSPC
+    ) -> None:
         self._real = real
         self._lock = threading.Lock()
+        self.successes_left = successes
         self.failures_left = failures
         self.err = err
         self.calls = 0
@@ -146,9 +149,11 @@ class FaultyCall:
     def __call__(self, fd: int) -> None:
         with self._lock:
             self.calls += 1
-            fail = self.failures_left > 0
+            fail = self.successes_left == 0 and self.failures_left > 0
             if fail:
                 self.failures_left -= 1
+            elif self.successes_left > 0:
+                self.successes_left -= 1
         if fail:
             raise OSError(self.err, os.strerror(self.err))
         self._real(fd)
@@ -156,7 +161,7 @@ class FaultyCall:
 
 
 class OpenWal(Protocol):
-    def __call__(self, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Wal: ...
+    def __call__(self, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, replay: bool = True) -> Wal: ...
 
 
 @pytest.fixture
@@ -173,12 +178,13 @@ def wal_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def open_wal(wal_dir: Path, log: RecordingLogger) -> Iterator[OpenWal]:
-    """Opens Wals on wal_dir the way a worker does (replay, then start); closes them after."""
+    """Opens Wals on wal_dir (replay, then start; or start alone); closes them after."""
     opened: list[Wal] = []
 
-    def _open(*, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> Wal:
+    def _open(*, segment_bytes: int = DEFAULT_SEGMENT_BYTES, replay: bool = True) -> Wal:
         wal = Wal(wal_dir, segment_bytes=segment_bytes, logger=log)
-        wal.replay()
+        if replay:
+            wal.replay()
         wal.start()
         opened.append(wal)
         return wal
@@ -839,6 +845,67 @@ class TestWalRecovery:
         assert second.pending_count == 1
 
 
+class TestWalReplayAfterStart:
+    def test_a_started_wal_takes_appends_before_replay_in_a_new_segment(self, open_wal: OpenWal, wal_dir: Path) -> None:
+        """start() before replay() opens a segment after every existing one and appends go there at once."""
+        # Given an older segment left by a previous run
+        old = make_entry(0)
+        write_segment(wal_dir, 0, entry_frame(old))
+
+        # When the WAL starts without replaying and takes an append
+        wal = open_wal(replay=False)
+        live = make_entry(1)
+        wal.append(live)
+
+        # Then the old segment is untouched and the append is in segment 1
+        assert replay_directory(wal_dir).pending == {old.payload_id: (old, 0), live.payload_id: (live, 1)}
+
+    def test_replay_after_start_returns_only_the_older_segments(self, open_wal: OpenWal, wal_dir: Path) -> None:
+        """Entries appended since start() are not handed back by replay(), even after rotation."""
+        # Given an older segment, and a started WAL that rotated through two live segments
+        old = make_entry(0)
+        write_segment(wal_dir, 0, entry_frame(old))
+        wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT, replay=False)
+        live = [make_entry(1), make_entry(2)]
+        for e in live:
+            wal.append(e)
+        assert segment_numbers(wal_dir) == [0, 1, 2]
+
+        # When the older segments are replayed
+        result = wal.replay()
+
+        # Then only the old entry comes back: the live ones are already in the caller's hands
+        assert list(result.pending) == [old.payload_id]
+        assert result.segments == [0]
+        assert result.damage == []
+        assert wal.pending_count == 3
+
+    def test_nothing_is_reclaimed_before_replay_and_the_settled_prefix_goes_after(
+        self, open_wal: OpenWal, wal_dir: Path
+    ) -> None:
+        """Until replay() has counted the old segments nothing is deleted; afterwards every settled segment is."""
+        # Given an old entry in segment 0, and live entries appended and delivered before replay
+        old = make_entry(0)
+        write_segment(wal_dir, 0, entry_frame(old))
+        wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT, replay=False)
+        live = [make_entry(1), make_entry(2)]
+        for e in live:
+            wal.append(e)
+        wal.mark_delivered([e.payload_id for e in live])
+        wal.flush()
+        assert segment_numbers(wal_dir) == [0, 1, 2, 3]
+
+        # When replay runs and the old entry is delivered too
+        wal.replay()
+        wal.mark_delivered([old.payload_id])
+        wal.flush()
+
+        # Then every segment but the current one is reclaimed
+        assert segment_numbers(wal_dir) == [4]
+        assert wal.pending_count == 0
+        assert wal.segment_count == 1
+
+
 class TestWalFailures:
     def test_a_failed_fsync_raises_truncates_the_batch_and_the_next_append_works(
         self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall, log: RecordingLogger
@@ -912,6 +979,33 @@ class TestWalFailures:
         wal.append(make_entry(2))
         assert pending_ids(wal_dir) == [make_entry(0).payload_id, make_entry(2).payload_id]
         assert dir_fsync.calls >= 2
+
+
+    def test_a_failed_reclaim_does_not_stop_the_wal(
+        self, open_wal: OpenWal, wal_dir: Path, monkeypatch: pytest.MonkeyPatch, log: RecordingLogger
+    ) -> None:
+        """If deleting settled segments fails, the mark is still durable, flush returns and appends go on."""
+        # Given e0 in segment 0, e1 in segment 1, and a directory fsync that will fail
+        # at reclaim (the first fsync opens the segment the mark goes to, the second is reclaim's)
+        wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
+        e0, e1, e2 = make_entry(0), make_entry(1), make_entry(2)
+        wal.append(e0)
+        wal.append(e1)
+        monkeypatch.setattr(os, "fsync", FaultyCall(os.fsync, successes=1, failures=1, err=errno.EIO))
+
+        # When e0 is delivered (the guard turns a hang into a failure)
+        with gevent.Timeout(HANG_GUARD_SECONDS):
+            wal.mark_delivered([e0.payload_id])
+            wal.flush()
+
+            # Then the WAL keeps working, and the next settle finishes the reclaim
+            wal.append(e2)
+            wal.mark_delivered([e1.payload_id])
+            wal.flush()
+        assert pending_ids(wal_dir) == [e2.payload_id]
+        assert not segment_path(wal_dir, 0).exists()
+        assert not segment_path(wal_dir, 1).exists()
+        assert log.at("error", "wal_reclaim_failed")
 
 
 class TestWalClose:

@@ -68,6 +68,10 @@ class Wal:
         self._closing = False
         self._started = False
         self._replayed = False
+        #: The first segment start() opened: replay() reads only the segments below it.
+        self._live_from = -1
+        #: The batch the flusher is writing now, so flush() can wait for it too.
+        self._writing: _Batch | None = None
         self._loc: dict[str, int] = {}
         self._seg_pending: Counter[int] = Counter()
         self._segments: list[int] = []
@@ -83,7 +87,7 @@ class Wal:
         May run before or after start(): after it, appends already go to the new
         segment while the old ones are read, so the worker takes writes at once.
         """
-        below = self._segments[-1] if self._started else None
+        below = self._live_from if self._started else None
         result: ReplayResult = self._pool.apply(replay_directory, (self.directory, progress), {"below": below})
         for payload_id, (_entry, seg) in result.pending.items():
             self._loc.setdefault(payload_id, seg)
@@ -111,6 +115,7 @@ class Wal:
         if not self._replayed:
             self._segments = []
         self._segments.append(first)
+        self._live_from = first
         self._started = True
         self._bytes_on_disk = self._pool.apply(self._disk_usage)
         self._flusher = gevent.spawn(self._flush_loop)
@@ -143,6 +148,9 @@ class Wal:
         if batch.chunks:
             self._wake.set()
             self._wait(batch)
+        elif self._writing is not None:
+            # Nothing queued, but the batch being written now was handed over before this call.
+            self._wait(self._writing)
 
     def close(self) -> None:
         """Flush, stop the flusher and release the file and the thread. Idempotent."""
@@ -196,7 +204,9 @@ class Wal:
 
     def _flush_loop(self) -> None:
         while True:
-            self._wake.wait()
+            if not self._closing:
+                # Once closing, nobody may set _wake again: keep draining until empty.
+                self._wake.wait()
             self._wake.clear()
             batch = self._current
             if not batch.chunks:
@@ -204,6 +214,7 @@ class Wal:
                     return
                 continue
             self._current = _Batch()
+            self._writing = batch
             buf = b"".join(batch.chunks)
             try:
                 seg = self._pool.apply(self._write, (buf,))
@@ -215,6 +226,7 @@ class Wal:
                 self.last_error = None
                 self._bytes_on_disk += len(buf)
                 self._account(seg, batch)
+            self._writing = None
             batch.done.set()
 
     def _account(self, seg: int, batch: _Batch) -> None:
@@ -249,7 +261,13 @@ class Wal:
             doomed.append(seg)
         if not doomed:
             return
-        freed: int = self._pool.apply(self._unlink, (doomed,))
+        try:
+            freed: int = self._pool.apply(self._unlink, (doomed,))
+        except OSError as exc:
+            # Reclaim only frees space: it must never take the flusher down with it.
+            # The segments stay listed, so the next settle tries again.
+            self._log.error("wal_reclaim_failed", directory=str(self.directory), error=str(exc), errno=exc.errno)
+            return
         del self._segments[: len(doomed)]
         for seg in doomed:
             self._seg_pending.pop(seg, None)
@@ -259,12 +277,15 @@ class Wal:
     # -- internals: I/O thread -----------------------------------------------
 
     def _open_segment(self, number: int) -> None:
-        fd = os.open(
-            segment_path(self.directory, number),
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-            0o600,
-        )
-        self._fsync_dir()
+        path = segment_path(self.directory, number)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            self._fsync_dir()
+        except OSError:
+            # Remove the empty file we just made, or every retry's O_EXCL would fail.
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._seg, self._offset = fd, number, 0

@@ -1,0 +1,1 @@
+"""Benchmarks of nexus_gevent, driven from this machine over loopback."""

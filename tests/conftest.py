@@ -1,0 +1,28 @@
+"""Fixtures shared by every test module; each one undoes the global state it touches."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from nexus_gevent.logs import configure_logging
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """The service's JSON log lines, written to a buffer instead of stdout."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure_logging("INFO", json=True, stream=stream)
+    try:
+        yield stream
+    finally:
+        # configure_logging sets structlog's global config and the root logger.
+        structlog.reset_defaults()
+        root.handlers[:] = handlers
+        root.setLevel(level)
