@@ -55,8 +55,9 @@ def _wait_http(url: str, deadline: float) -> None:
 
 
 @contextmanager
-def gunicorn(app: str, data_dir: Path, *, workers: int = 2, env: dict[str, str] | None = None,
-             log: Path | None = None) -> Iterator[Server]:
+def gunicorn(
+    app: str, data_dir: Path, *, workers: int = 2, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[Server]:
     """Run `app` under gunicorn.conf.py's settings on a free loopback port."""
     port = free_port()
     token = "bench-token-" + os.urandom(8).hex()
@@ -71,8 +72,14 @@ def gunicorn(app: str, data_dir: Path, *, workers: int = 2, env: dict[str, str] 
         **(env or {}),
     }
     out = open(log or os.devnull, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(GUNICORN), "-c", "gunicorn.conf.py", app], cwd=ROOT, env=full_env,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(GUNICORN), "-c", "gunicorn.conf.py", app],
+        cwd=ROOT,
+        env=full_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = Server(port, proc, data_dir, token)
     try:
         probe = "/ready" if app == "wsgi:app" else "/inbound/x"
@@ -107,22 +114,43 @@ class WrkResult:
         return n / self.seconds
 
 
-def wrk(url: str, *, token: str, connections: int = 64, seconds: int = 10, threads: int = 2,
-        rate: int | None = None) -> WrkResult:
+def wrk(
+    url: str, *, token: str, connections: int = 64, seconds: int = 10, threads: int = 2, rate: int | None = None
+) -> WrkResult:
     """Run wrk (or wrk2-style fixed rate where available) against `url` with bench/post.lua."""
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-           "-s", str(ROOT / "bench" / "post.lua"), url]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(ROOT / "bench" / "post.lua"),
+        url,
+    ]
     if rate is not None:
         cmd[1:1] = [f"-R{rate}"]
-    out = subprocess.run(cmd, env={**os.environ, "NEXUS_BENCH_TOKEN": token}, capture_output=True,
-                         text=True, check=True, timeout=seconds + 60).stdout
+    out = subprocess.run(
+        cmd,
+        env={**os.environ, "NEXUS_BENCH_TOKEN": token},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    ).stdout
     statuses = {int(k): v for k, v in json.loads(re.search(r"STATUSES (\{.*\})", out).group(1)).items()}  # type: ignore[union-attr]
     lat = re.search(r"LATENCY_US p50=(\d+) p99=(\d+) max=(\d+)", out)
     total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
     assert lat is not None and total is not None, out
     secs = float(total.group(2)) * (0.001 if total.group(3) == "ms" else 1.0)
-    return WrkResult(secs, int(total.group(1)), statuses,
-                     int(lat.group(1)) / 1000, int(lat.group(2)) / 1000, int(lat.group(3)) / 1000)
+    return WrkResult(
+        secs,
+        int(total.group(1)),
+        statuses,
+        int(lat.group(1)) / 1000,
+        int(lat.group(2)) / 1000,
+        int(lat.group(3)) / 1000,
+    )
 
 
 def log(msg: str) -> None:

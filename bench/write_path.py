@@ -36,8 +36,12 @@ def main() -> None:
     for round_no in range(args.rounds):
         for name, app in (("bare", "bench.bare_app:app"), ("service", "wsgi:app")):
             with tempfile.TemporaryDirectory() as tmp, gunicorn(app, Path(tmp)) as server:
-                result = wrk(server.url + "/inbound/default", token=server.token,
-                             connections=args.connections, seconds=args.seconds)
+                result = wrk(
+                    server.url + "/inbound/default",
+                    token=server.token,
+                    connections=args.connections,
+                    seconds=args.seconds,
+                )
                 row = {
                     "requests_per_s": result.rate(),
                     "accepted_per_s": result.rate(202),
@@ -56,9 +60,7 @@ def main() -> None:
                     row["acknowledged"] = accepted
                 rows[name].append(row)
                 log(f"round {round_no + 1} {name}: {json.dumps(row)}")
-    summary = {
-        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rows.items()
-    }
+    summary = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rows.items()}
     summary["ratio_accepted_vs_bare"] = {
         "median": summary["service"]["accepted_per_s"] / summary["bare"]["accepted_per_s"],
     }

@@ -66,9 +66,7 @@ def _row_to_letter(row: Any) -> DeadLetter:
     return DeadLetter(entry, str(error), int(attempts), float(failed_at), str(status))
 
 
-_COLUMNS = (
-    "payload_id, source, destination, subject, idempotency_key, received_at, payload, error, attempts, failed_at, status"
-)
+_COLUMNS = "payload_id, source, destination, subject, idempotency_key, received_at, payload, error, attempts, failed_at, status"
 
 
 class DeadLetterStore:
@@ -80,8 +78,17 @@ class DeadLetterStore:
     def record(self, entry: Entry, error: str, attempts: int) -> None:
         """Store a dead letter durably; returns only after the commit is on disk."""
         row = (
-            entry.payload_id, entry.source, entry.destination, entry.subject, entry.idempotency_key,
-            entry.received_at, entry.payload, error, attempts, time.time(), DEAD,
+            entry.payload_id,
+            entry.source,
+            entry.destination,
+            entry.subject,
+            entry.idempotency_key,
+            entry.received_at,
+            entry.payload,
+            error,
+            attempts,
+            time.time(),
+            DEAD,
         )
         self._db.run(
             lambda c: c.execute(f"INSERT OR REPLACE INTO dead_letters ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -99,7 +106,11 @@ class DeadLetterStore:
         return None if row is None else _row_to_letter(row)
 
     def count(self) -> int:
-        return int(self._db.run(lambda c: c.execute("SELECT count(*) FROM dead_letters WHERE status = ?", (DEAD,)).fetchone()[0]))
+        return int(
+            self._db.run(
+                lambda c: c.execute("SELECT count(*) FROM dead_letters WHERE status = ?", (DEAD,)).fetchone()[0]
+            )
+        )
 
     def set_retrying(self, payload_id: str) -> bool:
         """Flag a dead letter as being retried; False if there is no such dead letter."""

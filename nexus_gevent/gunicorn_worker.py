@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from gunicorn.workers.ggevent import GeventWorker  # type: ignore[import-untyped]
+from gunicorn.workers.ggevent import GeventWorker
 
 _LIFECYCLE = "nexus_gevent.lifecycle"
 #: Kept between the drain's deadline and gunicorn's SIGKILL, for closing files.

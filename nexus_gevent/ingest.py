@@ -33,7 +33,9 @@ class WriteResult:
 class Ingest:
     """Makes one entry durable and hands it to its destination's lane."""
 
-    def __init__(self, wal: Wal, lanes: dict[str, Lane], index: IdempotencyIndex, *, shed_policy: str, logger: Any) -> None:
+    def __init__(
+        self, wal: Wal, lanes: dict[str, Lane], index: IdempotencyIndex, *, shed_policy: str, logger: Any
+    ) -> None:
         self._wal = wal
         self._lanes = lanes
         self._index = index
@@ -43,7 +45,9 @@ class Ingest:
         # writing a second entry that would only be discarded.
         self._in_flight: dict[tuple[str, str], gevent.event.AsyncResult[WriteResult]] = {}
 
-    def write(self, source: str, destination: str, payload: bytes, *, subject: str | None, key: str | None) -> WriteResult:
+    def write(
+        self, source: str, destination: str, payload: bytes, *, subject: str | None, key: str | None
+    ) -> WriteResult:
         """Accept one entry; raises WalUnavailable when it could not be made durable."""
         if key is None:
             return self._write(source, destination, payload, subject, None)
@@ -54,7 +58,7 @@ class Ingest:
         racing = self._in_flight.get(slot)
         if racing is not None:
             first = racing.get()
-            if first.payload_id is not None and first.outcome != "rejected":
+            if first is not None and first.payload_id is not None and first.outcome != "rejected":
                 return WriteResult("duplicate", first.payload_id)
         result_box: gevent.event.AsyncResult[WriteResult] = gevent.event.AsyncResult()
         self._in_flight[slot] = result_box
@@ -70,7 +74,9 @@ class Ingest:
             if self._in_flight.get(slot) is result_box:
                 del self._in_flight[slot]
 
-    def _write(self, source: str, destination: str, payload: bytes, subject: str | None, key: str | None) -> WriteResult:
+    def _write(
+        self, source: str, destination: str, payload: bytes, subject: str | None, key: str | None
+    ) -> WriteResult:
         lane = self._lanes[destination]
         reserved = False
         if self._reject:

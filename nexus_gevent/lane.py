@@ -56,9 +56,10 @@ class RateMeter:
 class Lane:
     """Routes entries to one destination's queue; keeps what does not fit, in order."""
 
-    def __init__(self, queue: Queue, logger: Any) -> None:
+    def __init__(self, queue: Queue, logger: Any, meter: RateMeter | None = None) -> None:
         self.queue = queue
-        self.meter = RateMeter()
+        #: Fed by the queue's on_processed callback; Retry-After reads it.
+        self.meter = meter if meter is not None else RateMeter()
         self._log = logger
         self._backlog: dict[str, Entry] = {}
         self._reserved = 0

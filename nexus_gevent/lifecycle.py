@@ -19,7 +19,7 @@ from .service import Service
 _service: Service | None = None
 
 
-def boot(settings: Settings | None = None) -> falcon.App:
+def boot(settings: Settings | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     """Load the configuration, start this worker's service and return its WSGI app."""
     global _service
     settings = settings or load_settings()

@@ -48,3 +48,16 @@ class WalUpdater(Protocol):
     def mark_permanent_failure(self, entry: Entry, error: str, attempts: int) -> None:
         """Record that `entry` is a dead letter; keep its data so it can be listed and retried."""
         ...
+
+
+class Queryable(Protocol):
+    """A destination that can list what it stored, for GET /query/{destination}."""
+
+    def query(
+        self, source: str | None = None, subject: str | None = None, limit: int = 50, after: str | None = None
+    ) -> tuple[list[dict[str, object]], str | None]:
+        """Records oldest first, and the cursor of the next page (None at the end).
+
+        Raises ValueError for a malformed cursor.
+        """
+        ...

@@ -220,7 +220,7 @@ class Queue:
         except _Abandon:
             raise
         except Exception as exc:
-            self._warn(good, exc)
+            self._warn(good, exc, attempt=1 if len(good) == 1 else None)
             if len(good) == 1:
                 self._retry(good, failures=1, attempts={good[0].payload_id: 1}, error=exc)
             else:
@@ -318,16 +318,18 @@ class Queue:
         on_processed, on_delivered = self._cfg.on_processed, self._cfg.on_delivered
         for entry in entries:
             self._acks.append(entry.payload_id)
+            # Settled: a neighbour still retrying in this batch must not pin it.
+            self._known.discard(entry.payload_id)
             # Separate guards: a failing metric callback must not skip cache invalidation.
             if on_processed is not None:
                 try:
                     on_processed()
-                except Exception:  # noqa: BLE001 - a callback's failure is logged, never the worker's
+                except Exception:
                     self._log.exception("delivery_callback_failed", callback="on_processed")
             if on_delivered is not None:
                 try:
                     on_delivered(self._dest.name)
-                except Exception:  # noqa: BLE001 - a callback's failure is logged, never the worker's
+                except Exception:
                     self._log.exception("delivery_callback_failed", callback="on_delivered")
         self._ack_first.set()
         if len(self._acks) >= ACK_FLUSH_COUNT:
@@ -352,6 +354,7 @@ class Queue:
             self._ack_due.clear()
             self._flush_acks()
             if self._ack_stop:
+                self._flush_acks()
                 return
 
     def _flush_acks(self) -> None:

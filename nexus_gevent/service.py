@@ -19,9 +19,9 @@ import gevent.event
 from .config import Settings
 from .deadletters import DeadLetterStore
 from .destinations import open_destination
-from .ingest import Ingest
 from .idempotency import IdempotencyIndex
-from .lane import Lane
+from .ingest import Ingest
+from .lane import Lane, RateMeter
 from .ports import Destination
 from .queue import Queue, QueueConfig
 from .settle import Settlement
@@ -74,21 +74,20 @@ class Service:
         for dest in s.destinations:
             destination = open_destination(dest.name, dest.url)
             self.destinations[dest.name] = destination
-            lane_box: list[Lane] = []
+            meter = RateMeter()
             queue = Queue(
                 QueueConfig(
                     size=s.queue_size,
                     workers=s.queue_workers,
                     max_attempts=s.max_attempts,
                     initial_backoff=s.initial_backoff,
-                    on_processed=lambda box=lane_box: box[0].meter.tick(),
+                    on_processed=meter.tick,
                 ),
                 self._log,
                 destination,
                 self.settlement,
             )
-            lane = Lane(queue, self._log)
-            lane_box.append(lane)
+            lane = Lane(queue, self._log, meter)
             self.lanes[dest.name] = lane
         self.ingest = Ingest(self.wal, self.lanes, self.index, shed_policy=s.shed_policy, logger=self._log)
         self.state = "replaying"
@@ -102,7 +101,8 @@ class Service:
         return self.state == "ready"
 
     def _replay(self) -> None:
-        assert self.wal is not None and self.index is not None
+        assert self.wal is not None
+        assert self.index is not None
         last = [time.monotonic()]
 
         def progress(done: int, segs_done: int, segs: int) -> None:
@@ -155,7 +155,11 @@ class Service:
             reasons.append(self.state)
         if self.wal is not None and self.wal.last_error is not None:
             reasons.append("wal_unwritable")
-        reasons.extend(f"destination_unavailable:{name}" for name, lane in self.lanes.items() if not lane.queue.destination_available)
+        reasons.extend(
+            f"destination_unavailable:{name}"
+            for name, lane in self.lanes.items()
+            if not lane.queue.destination_available
+        )
         return reasons
 
     def shutdown(self, timeout: float | None = None) -> bool:
@@ -172,11 +176,16 @@ class Service:
             self._replayer.kill()
         for lane in self.lanes.values():
             lane.stop()
-        drains = [gevent.spawn(lane.queue.drain, None if deadline is None else max(0.0, deadline - time.monotonic())) for lane in self.lanes.values()]
+        drains = [
+            gevent.spawn(lane.queue.drain, None if deadline is None else max(0.0, deadline - time.monotonic()))
+            for lane in self.lanes.values()
+        ]
         gevent.joinall(drains)
         self._drained = all(g.value for g in drains)
         left = sum(lane.queue.depth + lane.backlog for lane in self.lanes.values())
-        self._log.info("drain_finished", drained=self._drained, seconds=round(time.monotonic() - started, 3), left_pending=left)
+        self._log.info(
+            "drain_finished", drained=self._drained, seconds=round(time.monotonic() - started, 3), left_pending=left
+        )
         self._close()
         self.state = "stopped"
         self._stopped.set()

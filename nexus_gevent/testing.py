@@ -197,13 +197,25 @@ class DeadLetter:
 
 
 class RecordingUpdater:
-    """A WalUpdater double that records marks; set `fail_*` to make marking raise."""
+    """A WalUpdater double that records marks; set `fail_*` to make marking raise.
+
+    ``stall()`` / ``release()``: mark_delivered waits until released (a slow WAL).
+    """
 
     def __init__(self) -> None:
         self.delivered_marks: list[DeliveredMark] = []
         self.dead_letters: list[DeadLetter] = []
         self.fail_mark_delivered = False
         self.fail_mark_permanent_failure = False
+        self.marking = 0
+        self.gate = gevent.event.Event()
+        self.gate.set()
+
+    def stall(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
 
     @property
     def delivered_ids(self) -> list[str]:
@@ -211,9 +223,14 @@ class RecordingUpdater:
         return [pid for mark in self.delivered_marks for pid in mark.payload_ids]
 
     def mark_delivered(self, payload_ids: Sequence[str]) -> None:
-        if self.fail_mark_delivered:
-            raise OSError("wal: no space left on device")
-        self.delivered_marks.append(DeliveredMark(time.monotonic(), tuple(payload_ids)))
+        self.marking += 1
+        try:
+            self.gate.wait()
+            if self.fail_mark_delivered:
+                raise OSError("wal: no space left on device")
+            self.delivered_marks.append(DeliveredMark(time.monotonic(), tuple(payload_ids)))
+        finally:
+            self.marking -= 1
 
     def mark_permanent_failure(self, entry: Entry, error: str, attempts: int) -> None:
         if self.fail_mark_permanent_failure:

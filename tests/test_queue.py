@@ -489,6 +489,28 @@ class TestDeliveredWriteBack:
         # Then
         assert h.updater.delivered_ids == ids(entries)
 
+    def test_ids_delivered_during_a_slow_write_back_are_written_back_at_exit(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        """Ids delivered while a write-back is in progress are still written back when the workers exit."""
+        # Given: the first write-back is stuck in a slow WAL
+        h = start(workers=1)
+        h.updater.stall()
+        first = make_entry()
+        h.queue.enqueue(first)
+        wait_until(lambda: h.updater.marking == 1)
+        # And: a second entry is delivered meanwhile
+        second = make_entry()
+        h.queue.enqueue(second)
+        wait_until(lambda: len(h.destination.delivered) == 2)
+        # When: the drain stops the workers before the write-back returns
+        drain = gevent.spawn(h.queue.drain)
+        gevent.idle()
+        h.updater.release()
+        # Then: both ids are marked, the second by the final write-back
+        assert drain.get(timeout=5.0) is True
+        assert h.updater.delivered_ids == ids([first, second])
+
     def test_failed_write_back_is_logged_at_warn_and_delivery_goes_on(self, start: Callable[..., Harness]) -> None:
         """Spec numbers: a failed write-back is logged at WARN and nothing else happens."""
         h = start()

@@ -6,6 +6,7 @@ when a Retry-After header is sent. Domain errors are mapped here, in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import falcon
@@ -27,16 +28,16 @@ class ApiError(falcon.HTTPError):
     ) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         super().__init__(status, title=code, description=message, headers=headers)
-        self.code = code
+        self.error_code = code
         self.message = message
         self.details = details or {}
-        self.retry_after = retry_after
+        self.retry_seconds = retry_after
         self.extra = extra or {}
 
-    def to_dict(self, obj_type: type = dict) -> dict[str, Any]:  # type: ignore[override]
-        body: dict[str, Any] = {"error": self.code, "message": self.message, "details": self.details}
-        if self.retry_after is not None:
-            body["retry_after_seconds"] = self.retry_after
+    def to_dict(self, obj_type: type = dict) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.error_code, "message": self.message, "details": self.details}
+        if self.retry_seconds is not None:
+            body["retry_after_seconds"] = self.retry_seconds
         body.update(self.extra)
         return body
 
@@ -57,6 +58,15 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HT
     resp.data = orjson.dumps(body)
 
 
-def unexpected_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
-    """A bug answers 500 in the contract's shape; the traceback goes to the log, not the client."""
-    raise ApiError(falcon.HTTP_500, "internal_error", "internal error") from ex
+ErrorHandler = Callable[[falcon.Request, falcon.Response, Exception, dict[str, Any]], None]
+
+
+def unexpected_error_handler(logger: Any) -> ErrorHandler:
+    """The catch-all handler: a bug answers 500 in the contract's shape; its traceback goes to `logger`, not the client."""
+
+    def unexpected_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
+        # Falcon calls handlers inside its `except` block, so exc_info is this bug's traceback.
+        logger.exception("request_failed", method=req.method, path=req.path, error_type=type(ex).__name__)
+        raise ApiError(falcon.HTTP_500, "internal_error", "internal error") from ex
+
+    return unexpected_error

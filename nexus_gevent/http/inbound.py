@@ -31,8 +31,7 @@ def authenticate_source(auth: Authenticator, settings: Settings, req: falcon.Req
     """401 without a known token, 403 for another source's or the admin's, then 404."""
     principal = auth.identify(req.get_header("Authorization"))
     if principal is None:
-        raise ApiError(falcon.HTTP_401, "unauthorized", "a valid bearer token is required",
-                       extra={}) from None
+        raise ApiError(falcon.HTTP_401, "unauthorized", "a valid bearer token is required", extra={}) from None
     if principal.is_admin:
         raise ApiError(falcon.HTTP_403, "source_mismatch", "the admin token cannot write entries")
     # Only an authenticated caller learns whether a source exists.
@@ -50,12 +49,26 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     """
     declared = req.content_length
     if declared is not None and declared > limit:
-        raise ApiError(falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes",
-                       details={"max_body_bytes": limit})
-    data: bytes = req.bounded_stream.read(limit + 1)
+        raise ApiError(
+            falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes", details={"max_body_bytes": limit}
+        )
+    # Falcon's bounded_stream reads nothing without a Content-Length. A chunked body
+    # has none; the server then ends the input itself (wsgi.input_terminated, which
+    # gunicorn sets), so the raw stream can be read to its end.
+    stream = req.stream if declared is None and req.env.get("wsgi.input_terminated") else req.bounded_stream
+    chunks: list[bytes] = []
+    left = limit + 1
+    while left > 0:
+        chunk: bytes = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    data = b"".join(chunks)
     if len(data) > limit:
-        raise ApiError(falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes",
-                       details={"max_body_bytes": limit})
+        raise ApiError(
+            falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes", details={"max_body_bytes": limit}
+        )
     return data
 
 
@@ -66,8 +79,12 @@ def check_content_type(req: falcon.Request) -> None:
         return
     media = content_type.split(";", 1)[0].strip().lower()
     if media != "application/json":
-        raise ApiError(falcon.HTTP_415, "unsupported_media_type", "Content-Type must be application/json",
-                       details={"content_type": media[:100]})
+        raise ApiError(
+            falcon.HTTP_415,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+            details={"content_type": media[:100]},
+        )
 
 
 def parse_object(body: bytes) -> None:
@@ -75,8 +92,9 @@ def parse_object(body: bytes) -> None:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(falcon.HTTP_400, "invalid_json", f"the body is not valid JSON: {exc.msg}",
-                       details={"position": exc.pos}) from None
+        raise ApiError(
+            falcon.HTTP_400, "invalid_json", f"the body is not valid JSON: {exc.msg}", details={"position": exc.pos}
+        ) from None
     if not isinstance(value, dict):
         raise ApiError(falcon.HTTP_400, "invalid_body", "the body must be a JSON object")
 
@@ -108,18 +126,22 @@ class InboundResource:
         body = read_body(req, self._settings.max_body_bytes)
         parse_object(body)
         if self._state() in ("draining", "stopped"):
-            raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry",
-                           retry_after=1)
+            raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
         destination = self._settings.source(source).destination  # type: ignore[union-attr]
         try:
             result = self._ingest.write(source, destination, body, subject=subject, key=key)
         except WalUnavailable as exc:
-            raise ApiError(falcon.HTTP_503, "wal_unavailable",
-                           "the entry could not be made durable; nothing was stored, retry later",
-                           details={"reason": str(exc)[:200]}, retry_after=1) from None
+            raise ApiError(
+                falcon.HTTP_503,
+                "wal_unavailable",
+                "the entry could not be made durable; nothing was stored, retry later",
+                details={"reason": str(exc)[:200]},
+                retry_after=1,
+            ) from None
         except QueueClosed:
-            raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry",
-                           retry_after=1) from None
+            raise ApiError(
+                falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1
+            ) from None
         self._answer(req, resp, result)
 
     @staticmethod
@@ -132,12 +154,20 @@ class InboundResource:
             resp.status = falcon.HTTP_200
             resp.data = orjson.dumps({"payload_id": result.payload_id, "status": "duplicate"})
         elif result.outcome == "shed":
-            raise ApiError(falcon.HTTP_429, "queue_full",
-                           "the queue is full; the entry is durable in the WAL and will be delivered",
-                           retry_after=result.retry_after, extra={"payload_id": result.payload_id},
-                           details={"payload_id": result.payload_id, "durable": True})
+            raise ApiError(
+                falcon.HTTP_429,
+                "queue_full",
+                "the queue is full; the entry is durable in the WAL and will be delivered",
+                retry_after=result.retry_after,
+                extra={"payload_id": result.payload_id},
+                details={"payload_id": result.payload_id, "durable": True},
+            )
         else:
-            raise ApiError(falcon.HTTP_429, "queue_full",
-                           "the queue is full; nothing was stored, retry after the delay",
-                           retry_after=result.retry_after, details={"durable": False})
+            raise ApiError(
+                falcon.HTTP_429,
+                "queue_full",
+                "the queue is full; nothing was stored, retry after the delay",
+                retry_after=result.retry_after,
+                details={"durable": False},
+            )
         resp.content_type = falcon.MEDIA_JSON

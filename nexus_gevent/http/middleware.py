@@ -34,7 +34,9 @@ class RequestContext:
         resp.set_header("X-Request-Id", request_id)
         structlog.contextvars.bind_contextvars(request_id=request_id)
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool) -> None:
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
         started = getattr(req.context, "started", None)
         duration_ms = round((time.perf_counter() - started) * 1000, 3) if started is not None else None
         self._log.info(

@@ -4,4 +4,13 @@ from .dirlock import DirLock, claim
 from .log import DEFAULT_SEGMENT_BYTES, Wal
 from .replay import DamageReport, KeyRecord, ReplayResult, replay_directory
 
-__all__ = ["DEFAULT_SEGMENT_BYTES", "DamageReport", "DirLock", "KeyRecord", "ReplayResult", "Wal", "claim", "replay_directory"]
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES",
+    "DamageReport",
+    "DirLock",
+    "KeyRecord",
+    "ReplayResult",
+    "Wal",
+    "claim",
+    "replay_directory",
+]

@@ -13,6 +13,7 @@ meanwhile form the next batch, so the batch size follows the load by itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -303,10 +304,8 @@ class Wal:
         except OSError:
             # Cut the partial batch off so the file ends on a whole record, and move
             # to a fresh file: after a failed fsync the page cache cannot be trusted.
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
-            except OSError:
-                pass
             self._needs_rotation = True
             raise
         seg = self._seg

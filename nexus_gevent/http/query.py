@@ -1,0 +1,75 @@
+"""GET /query/{destination}: read what has been delivered, oldest first, with a cursor."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import falcon
+import orjson
+
+from ..auth import Authenticator
+from ..config import Settings
+from ..errors import DestinationUnavailable
+from ..ports import Queryable
+from .errors import ApiError
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+class QueryResource:
+    """Accepts the admin token, or the token of a source that writes to this destination."""
+
+    def __init__(self, settings: Settings, auth: Authenticator, destinations: Mapping[str, object]) -> None:
+        self._settings = settings
+        self._auth = auth
+        self._destinations = destinations
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, destination: str) -> None:
+        principal = self._auth.identify(req.get_header("Authorization"))
+        if principal is None:
+            raise ApiError(falcon.HTTP_401, "unauthorized", "a valid bearer token is required")
+        target = self._destinations.get(destination)
+        if target is None:
+            raise ApiError(falcon.HTTP_404, "unknown_destination", f"no destination named {destination!r}")
+        if not principal.is_admin:
+            source = self._settings.source(principal.source or "")
+            if source is None or source.destination != destination:
+                raise ApiError(falcon.HTTP_403, "source_mismatch", "this token's source does not write here")
+        if not hasattr(target, "query"):
+            raise ApiError(falcon.HTTP_501, "not_queryable", "this destination cannot be read back")
+        limit = self._limit(req)
+        try:
+            records, next_cursor = _as_queryable(target).query(
+                source=req.get_param("source"),
+                subject=req.get_param("subject"),
+                limit=limit,
+                after=req.get_param("after"),
+            )
+        except ValueError:
+            raise ApiError(
+                falcon.HTTP_400, "invalid_cursor", "the 'after' cursor is not one this service gave"
+            ) from None
+        except DestinationUnavailable as exc:
+            raise ApiError(
+                falcon.HTTP_503,
+                "destination_unavailable",
+                "the destination cannot be reached",
+                details={"reason": str(exc)[:200]},
+                retry_after=1,
+            ) from None
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = orjson.dumps({"records": records, "next": next_cursor})
+
+    @staticmethod
+    def _limit(req: falcon.Request) -> int:
+        raw = req.get_param("limit")
+        if raw is None:
+            return DEFAULT_LIMIT
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+            raise ApiError(falcon.HTTP_400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
+        return int(raw)
+
+
+def _as_queryable(target: object) -> Queryable:
+    return target  # type: ignore[return-value]

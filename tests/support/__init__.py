@@ -1,0 +1,1 @@
+"""Helpers shared by tests: real gunicorn processes and an HTTP client that keeps a ledger."""
