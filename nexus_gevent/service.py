@@ -16,9 +16,11 @@ from typing import Any, Literal
 import gevent
 import gevent.event
 
+from .adopt import adopt_orphans
 from .config import Settings
 from .deadletters import DeadLetterStore
 from .destinations import open_destination
+from .entry import Entry
 from .idempotency import IdempotencyIndex
 from .ingest import Ingest
 from .lane import Lane, RateMeter
@@ -34,6 +36,8 @@ IDEMPOTENCY_FILENAME = "idempotency.db"
 DEAD_LETTERS_FILENAME = "dead-letters.db"
 #: Replay logs its progress at most this often.
 REPLAY_PROGRESS_INTERVAL = 2.0
+#: How often a worker looks for WAL directories no live worker holds.
+ADOPT_INTERVAL = 10.0
 
 
 class Service:
@@ -53,6 +57,7 @@ class Service:
         self.index: IdempotencyIndex | None = None
         self.replay_result: ReplayResult | None = None
         self._replayer: gevent.Greenlet[Any, Any] | None = None
+        self._adopter: gevent.Greenlet[Any, Any] | None = None
         self._shutdown_started = False
         self._stopped = gevent.event.Event()
         self._drained = False
@@ -120,33 +125,58 @@ class Service:
                 self._log.warning("destination_unavailable_at_start", destination=name, error=str(exc))
         result = self.wal.replay(progress)
         self.replay_result = result
-        losers = self.index.claim_many(
-            (k.source, k.key, k.payload_id, k.received_at) for k in result.keys if k.payload_id in result.pending
-        )
-        if losers:
-            self.wal.mark_discarded(sorted(losers))
-        requeued = 0
-        for payload_id, (entry, _seg) in result.pending.items():
-            if payload_id in losers or self.state != "replaying":
-                continue
-            lane = self.lanes.get(entry.destination)
-            if lane is None:
-                self._log.error("replay_unknown_destination", payload_id=payload_id, destination=entry.destination)
-                continue
-            lane.offer(entry)
-            requeued += 1
+        requeued, discarded = self._take_in([entry for entry, _seg in result.pending.values()])
         rate = result.records / result.seconds if result.seconds > 0 else 0.0
         self._log.info(
             "wal_replayed",
             records=result.records,
             pending=requeued,
             damaged=len(result.damage),
-            discarded=len(losers),
+            discarded=discarded,
             seconds=round(result.seconds, 3),
             records_per_second=round(rate),
         )
         if self.state == "replaying":
             self.state = "ready"
+        self._adopter = gevent.spawn(self._adopt_loop)
+
+    def _take_in(self, entries: list[Entry]) -> tuple[int, int]:
+        """Hand entries found on disk to their lanes; returns (queued or backlogged, discarded).
+
+        Their idempotency keys are claimed first: an entry whose worker died between
+        its WAL append and its key claim may have lost the key to a client's retry.
+        """
+        assert self.wal is not None
+        assert self.index is not None
+        losers = self.index.claim_many(
+            (e.source, e.idempotency_key, e.payload_id, e.received_at) for e in entries if e.idempotency_key is not None
+        )
+        if losers:
+            self.wal.mark_discarded(sorted(losers))
+        taken = 0
+        for entry in entries:
+            if entry.payload_id in losers or self.state not in ("replaying", "ready"):
+                continue
+            lane = self.lanes.get(entry.destination)
+            if lane is None:
+                self._log.error("unknown_destination", payload_id=entry.payload_id, destination=entry.destination)
+                continue
+            lane.offer(entry)
+            taken += 1
+        return taken, len(losers)
+
+    def _adopt_loop(self) -> None:
+        """Adopt orphaned WAL directories now and every ADOPT_INTERVAL seconds."""
+        assert self.wal is not None
+        assert self.lock is not None
+        while self.state == "ready":
+            try:
+                adopted = adopt_orphans(self.data_dir / WAL_DIRNAME, self.lock.path, self.wal, self._log)
+                if adopted:
+                    self._take_in(adopted)
+            except Exception as exc:
+                self._log.warning("wal_orphan_adoption_failed", error=str(exc))
+            gevent.sleep(ADOPT_INTERVAL)
 
     def not_ready_reasons(self) -> list[str]:
         """Why /ready should answer 503; empty when ready."""
@@ -174,6 +204,8 @@ class Service:
         if self._replayer is not None and not self._replayer.dead:
             self._replayer.join(timeout=0 if deadline is None else max(0.0, deadline - time.monotonic()))
             self._replayer.kill()
+        if self._adopter is not None:
+            self._adopter.kill()
         for lane in self.lanes.values():
             lane.stop()
         drains = [

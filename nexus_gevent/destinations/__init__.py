@@ -34,10 +34,12 @@ def _open_sqlite(name: str, url: str) -> Destination:
 
 
 def _open_postgres(name: str, url: str) -> Destination:
-    # The hook for PostgreSQL. Import psycopg here, inside the call, never at the top of
-    # this module: psycopg decides whether it cooperates with gevent when it is first
-    # imported, so that must happen in the worker, after monkey-patching.
-    raise ConfigError(f"destination {name!r}: postgresql destinations are not supported yet")
+    # Imported here, inside the call, never at the top of this module: psycopg decides
+    # whether it cooperates with gevent when it is first imported, so that must happen
+    # in the worker, after monkey-patching.
+    from .postgres import PostgresDestination
+
+    return PostgresDestination(name, url)
 
 
 _OPENERS: dict[str, Callable[[str, str], Destination]] = {

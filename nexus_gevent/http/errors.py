@@ -62,7 +62,7 @@ ErrorHandler = Callable[[falcon.Request, falcon.Response, Exception, dict[str, A
 
 
 def unexpected_error_handler(logger: Any) -> ErrorHandler:
-    """The catch-all handler: a bug answers 500 in the contract's shape; its traceback goes to `logger`, not the client."""
+    """The catch-all: a bug answers 500 in the contract's shape; its traceback goes to `logger`, not the client."""
 
     def unexpected_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
         # Falcon calls handlers inside its `except` block, so exc_info is this bug's traceback.

@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import gevent.event
@@ -30,6 +30,8 @@ from . import records
 from ._frame import encode
 from .replay import Progress, ReplayResult, replay_directory
 from .segments import list_segments, segment_path
+
+T = TypeVar("T")
 
 #: Default segment size: large enough that rotation is rare, small enough that a
 #: settled segment is reclaimed soon after its entries are delivered.
@@ -131,6 +133,16 @@ class Wal:
         batch.entries.append(entry.payload_id)
         self._wait(batch)
 
+    def append_many(self, entries: Sequence[Entry]) -> None:
+        """Make several entries durable with one wait (they share a batch)."""
+        if not entries:
+            return
+        batch = self._current
+        for entry in entries:
+            batch = self._enqueue(encode(records.ENTRY, records.encode_entry(entry)))
+            batch.entries.append(entry.payload_id)
+        self._wait(batch)
+
     def mark_delivered(self, payload_ids: Sequence[str]) -> None:
         """Record DELIVERED; does not wait, since a lost mark only means a harmless redelivery."""
         self._mark(records.DELIVERED, payload_ids)
@@ -163,6 +175,11 @@ class Wal:
             self._flusher.join()
         self._pool.apply(self._close_fd)
         self._pool.kill()
+
+    def run_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the WAL's I/O thread, so file work stays off the hub."""
+        result: T = self._pool.apply(fn, args)
+        return result
 
     # -- what operators and the service read --------------------------------
 

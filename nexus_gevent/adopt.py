@@ -1,0 +1,58 @@
+"""Adopting orphaned WAL directories: entries whose worker is gone and not coming back.
+
+When gunicorn starts with fewer workers than last time, some WAL directories have no
+owner. A worker that can lock such a directory copies its PENDING entries into its
+own WAL (durably, keeping their payload_ids), delivers them, and only then empties
+the orphan. A crash in between leaves the entries in both WALs; the destination's
+idempotent write on payload_id makes the second delivery harmless.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .entry import Entry
+from .wal import Wal, replay_directory
+from .wal.dirlock import existing_dirs, try_lock
+from .wal.segments import list_segments
+
+#: Entries copied per WAL batch, so adopting a large orphan never holds one huge batch.
+ADOPT_CHUNK = 1000
+
+
+def adopt_orphans(root: Path, own: Path, wal: Wal, logger: Any) -> list[Entry]:
+    """Move the PENDING entries of every unlocked WAL directory under `root` into `wal`.
+
+    Returns the entries adopted, for the caller to enqueue. Runs on the hub; the
+    directory scans and file work go through `wal`'s I/O thread.
+    """
+    adopted: list[Entry] = []
+    for path in existing_dirs(root):
+        if path == own or not list_segments(path):
+            continue
+        lock = try_lock(path)
+        if lock is None:
+            continue
+        try:
+            result = wal.run_io(replay_directory, path)
+            entries = [entry for entry, _seg in result.pending.values()]
+            for start in range(0, len(entries), ADOPT_CHUNK):
+                wal.append_many(entries[start : start + ADOPT_CHUNK])
+            wal.run_io(_empty_directory, path)
+            adopted.extend(entries)
+            logger.info("wal_orphan_adopted", orphan=str(path), entries=len(entries), damaged=len(result.damage))
+        finally:
+            lock.close()
+    return adopted
+
+
+def _empty_directory(path: Path) -> None:
+    for _number, segment in list_segments(path):
+        segment.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

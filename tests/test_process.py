@@ -1,0 +1,221 @@
+"""Real gunicorn processes: what a signal, a crash or a worker recycle does to acknowledged entries.
+
+Every test writes through real HTTP connections from OS threads, records each
+payload_id the service acknowledged (a 202, or a 429 carrying a payload_id), and
+checks the SQLite destination row by row: each acknowledged entry stored exactly
+once, and no row the client did not send.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.proc import (
+    HOST,
+    Gunicorn,
+    Ledger,
+    Writers,
+    count_rows,
+    exactly_once_problems,
+    post_headers,
+    start_gunicorn,
+    wait_delivered,
+    wait_for,
+)
+
+pytestmark = pytest.mark.process
+
+#: gunicorn.conf.py: graceful_timeout = drain timeout (10 s in these tests) + 10 s.
+GRACEFUL_TIMEOUT = 20.0
+#: Acknowledged writes before the signal or the kill, so that there is something to lose.
+ACKS_BEFORE_KILL = 300
+
+Launch = Callable[..., Gunicorn]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Starts gunicorns on tmp_path/data (one log file each); kills whatever is left at teardown."""
+    started: list[Gunicorn] = []
+    numbers = itertools.count()
+
+    def _launch(*, workers: int = 2, env: dict[str, str] | None = None) -> Gunicorn:
+        log_path = tmp_path / f"gunicorn-{next(numbers)}.log"
+        return start_gunicorn(tmp_path / "data", log_path, workers=workers, env=env, registry=started)
+
+    yield _launch
+    for server in started:
+        server.cleanup()
+
+
+def drained_wal_dirs(server: Gunicorn) -> dict[str, bool]:
+    """wal_dir -> drained, from the workers' drain_finished lines."""
+    return {str(e["wal_dir"]): bool(e["drained"]) for e in server.events("drain_finished")}
+
+
+def assert_exactly_once(ledger: Ledger, server: Gunicorn, *, responses_may_be_lost: bool = False) -> None:
+    problems = exactly_once_problems(ledger, server.db_path, responses_may_be_lost=responses_may_be_lost)
+    assert problems == [], (
+        f"{len(problems)} problem(s), first ones: {problems[:20]}\noutcomes: {dict(ledger.outcomes)}\n"
+        f"log tail:\n{server.log_tail()}"
+    )
+
+
+def restart_and_stop(launch: Launch, ledger: Ledger) -> Gunicorn:
+    """Start again on the same data dir, let replay deliver what was left PENDING, and SIGTERM it."""
+    server = launch()
+    server.wait_ready()
+    code, _ = server.stop(signal.SIGTERM)
+    assert code == 0, server.log_tail()
+    return server
+
+
+class TestGracefulStop:
+    """SIGTERM, SIGINT and max_requests: the workers drain before they exit."""
+
+    def test_sigterm_during_writes_delivers_every_acknowledged_entry_exactly_once(self, launch: Launch) -> None:
+        """SIGTERM while 8 threads write 1,000 entries: the master exits 0, both workers drain, each ack is one row."""
+        # Given two workers taking writes from eight threads
+        server = launch()
+        server.wait_ready()
+        writers = Writers(server.port, threads=8, total=1000)
+        writers.start()
+        # When the master gets SIGTERM halfway through
+        writers.wait_acked(500)
+        code, _ = server.stop(signal.SIGTERM)
+        writers.join()
+        # Then it exits cleanly, each worker logged its drain, and every ack is stored once
+        assert code == 0, server.log_tail()
+        drained = drained_wal_dirs(server)
+        assert len(drained) == 2 and all(drained.values()), server.log_tail()
+        assert_exactly_once(writers.ledger, server)
+        # ... and a restart finds nothing PENDING that was never acknowledged
+        assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
+
+    def test_sigterm_with_idle_keepalive_connections_still_drains_promptly(self, launch: Launch) -> None:
+        """SIGTERM with idle keep-alive connections open: the workers close them, drain and exit long before graceful_timeout."""
+        # Given entries written over keep-alive connections that stay open and idle
+        server = launch()
+        server.wait_ready()
+        ledger = Ledger()
+        idle = [http.client.HTTPConnection(HOST, server.port, timeout=30) for _ in range(6)]
+        try:
+            for n, conn in enumerate(idle):
+                conn.request("POST", "/inbound/default", body=f'{{"n": {n}}}'.encode(), headers=post_headers())
+                ledger.record_sent(n)
+                response = conn.getresponse()
+                ledger.record_response(n, response.status, response.read())
+            assert ledger.acked_count == len(idle)
+            # When the master gets SIGTERM
+            code, seconds = server.stop(signal.SIGTERM)
+        finally:
+            for conn in idle:
+                conn.close()
+        # Then the workers did not wait out graceful_timeout (and get SIGKILLed mid-drain)
+        assert code == 0, server.log_tail()
+        assert seconds < GRACEFUL_TIMEOUT / 2, f"took {seconds:.1f} s\n{server.log_tail()}"
+        drained = drained_wal_dirs(server)
+        assert len(drained) == 2 and all(drained.values()), server.log_tail()
+        assert_exactly_once(ledger, server)
+
+    def test_sigint_drains_through_the_worker_exit_backstop(self, launch: Launch) -> None:
+        """SIGINT to the master (workers get SIGQUIT): worker_exit still drains and every ack is one row."""
+        # Given two workers taking writes
+        server = launch()
+        server.wait_ready()
+        writers = Writers(server.port, threads=8, total=800)
+        writers.start()
+        # When the master gets SIGINT mid-stream
+        writers.wait_acked(ACKS_BEFORE_KILL)
+        code, _ = server.stop(signal.SIGINT)
+        writers.join()
+        # Then both workers drained on their way out, without a restart
+        assert code == 0, server.log_tail()
+        drained = drained_wal_dirs(server)
+        assert len(drained) == 2 and all(drained.values()), server.log_tail()
+        assert_exactly_once(writers.ledger, server)
+        # ... and a restart finds nothing PENDING that was never acknowledged
+        assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
+
+    def test_max_requests_recycling_delivers_every_acknowledged_entry_exactly_once(self, launch: Launch) -> None:
+        """Workers recycled every 50 requests while 500 entries are written: each recycle drains, each ack is one row."""
+        # Given two workers that restart themselves after 50 requests
+        server = launch(env={"NEXUS_MAX_REQUESTS": "50"})
+        server.wait_ready()
+        # When 500 entries are written through them, and the master is then stopped
+        writers = Writers(server.port, threads=8, total=500)
+        writers.start()
+        writers.join()
+        code, _ = server.stop(signal.SIGTERM)
+        # Then workers were recycled, each one drained, and every ack is stored once
+        assert code == 0, server.log_tail()
+        drains = server.events("drain_finished")
+        assert len(drains) >= 500 // 50, server.log_tail()
+        assert all(d["drained"] for d in drains), server.log_tail()
+        assert writers.ledger.acked_count >= 450, dict(writers.ledger.outcomes)
+        assert_exactly_once(writers.ledger, server)
+        assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
+
+
+class TestCrash:
+    """kill -9: whatever was acknowledged is delivered by whoever takes the WAL directory over."""
+
+    @pytest.mark.parametrize("round_", range(5))
+    def test_kill9_of_master_and_workers_then_restart_delivers_every_ack_exactly_once(
+        self, launch: Launch, round_: int
+    ) -> None:
+        """kill -9 of the master and both workers mid-write, then a restart: every ack is stored once, nothing else."""
+        # Given two workers under continuous writes
+        first = launch()
+        first.wait_ready()
+        writers = Writers(first.port, threads=8)
+        writers.start()
+        try:
+            # When everything is killed with SIGKILL while writes are in flight (a different moment each round)
+            writers.wait_acked(ACKS_BEFORE_KILL + 100 * round_)
+            first.kill9_all()
+        finally:
+            writers.stop()
+        acked = writers.ledger.snapshot_acked()
+        # Then a restart on the same data dir replays both WAL directories and delivers every ack
+        second = launch()
+        second.wait_ready()
+        wait_delivered(second.db_path, acked, timeout=60)
+        code, _ = second.stop(signal.SIGTERM)
+        assert code == 0, second.log_tail()
+        # ... exactly once; rows without an ack are only requests whose response the kill lost
+        assert_exactly_once(writers.ledger, second, responses_may_be_lost=True)
+
+    def test_worker_killed_alone_is_replaced_and_its_wal_delivered(self, launch: Launch) -> None:
+        """kill -9 of one worker: the master's replacement takes its WAL directory over and delivers it, once."""
+        # Given two workers under continuous writes
+        server = launch()
+        server.wait_ready()
+        with Writers(server.port, threads=8) as writers:
+            writers.wait_acked(ACKS_BEFORE_KILL)
+            victim = server.worker_pids()[0]
+            wal_dir = server.wal_dir_of(victim)
+            assert wal_dir is not None
+            # When one worker is killed with SIGKILL
+            server.kill9_worker(victim)
+            # Then a new worker replays that very directory (its flock died with the victim) ...
+            wait_for(
+                lambda: len([e for e in server.events("wal_replayed") if e.get("wal_dir") == wal_dir.name]) >= 2,
+                30, f"a replacement worker to replay {wal_dir.name}", describe=server.log_tail,
+            )
+            server.wait_ready(booted=3)
+            # ... and writes go on through it
+            writers.wait_acked(writers.ledger.acked_count + 200)
+        # ... and every ack reaches the destination without a restart, exactly once
+        wait_delivered(server.db_path, writers.ledger.snapshot_acked(), timeout=60)
+        code, _ = server.stop(signal.SIGTERM)
+        assert code == 0, server.log_tail()
+        assert victim not in server.worker_pids()
+        assert count_rows(server.db_path)
+        assert_exactly_once(writers.ledger, server, responses_may_be_lost=True)
