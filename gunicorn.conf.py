@@ -5,6 +5,14 @@ service (see docs/design.md, "Boot order").
 """
 
 import os
+import shutil
+
+# prometheus_client's multiprocess mode: every worker writes its values under this
+# folder and /metrics sums them. It must be set before any worker starts, and it is
+# emptied at each start (on_starting), so old workers' counters do not linger.
+_metrics_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR", os.path.join(os.environ.get("NEXUS_DATA_DIR") or "var", "metrics")
+)
 
 _drain_timeout = float(os.environ.get("NEXUS_DRAIN_TIMEOUT", "20"))
 
@@ -28,8 +36,11 @@ max_requests_jitter = int(os.environ.get("NEXUS_MAX_REQUESTS_JITTER", "0"))
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Generate missing secrets once in the master, and say where they are."""
+    """Empty the metrics folder; generate missing secrets once in the master, and say where they are."""
     from nexus_gevent.config import load_settings
+
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, mode=0o700, exist_ok=True)
 
     settings = load_settings()
     for path in settings.generated_secrets:
@@ -45,3 +56,10 @@ def worker_exit(server, worker):  # type: ignore[no-untyped-def]
     if service is not None:
         lifecycle.begin_shutdown()
         lifecycle.shutdown(drain_budget(service.settings.drain_timeout, server.cfg.graceful_timeout))
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """Drop a dead worker's live gauges (queue depth, WAL pending) from /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

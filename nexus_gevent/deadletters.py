@@ -112,6 +112,13 @@ class DeadLetterStore:
             )
         )
 
+    def retrying_ids(self) -> set[str]:
+        """Dead letters being retried: they leave the store once delivered."""
+        rows = self._db.run(
+            lambda c: c.execute("SELECT payload_id FROM dead_letters WHERE status = ?", (RETRYING,)).fetchall()
+        )
+        return {str(r[0]) for r in rows}
+
     def set_retrying(self, payload_id: str) -> bool:
         """Flag a dead letter as being retried; False if there is no such dead letter."""
         cur = self._db.run(

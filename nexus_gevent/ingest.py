@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import gevent.event
 
+from . import metrics
 from .entry import Entry, new_payload_id
 from .errors import WalUnavailable
 from .idempotency import IdempotencyIndex
@@ -95,7 +96,9 @@ class Ingest:
             idempotency_key=key,
         )
         try:
+            started = time.perf_counter()
             self._wal.append(entry)
+            metrics.WAL_APPEND_LATENCY.observe(time.perf_counter() - started)
             if key is not None:
                 owner = self._claim(source, key, entry)
                 if owner != entry.payload_id:

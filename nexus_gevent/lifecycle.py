@@ -68,6 +68,6 @@ def _beat(heartbeat: Any) -> None:
     while True:
         try:
             heartbeat()
-        except Exception:  # noqa: BLE001 - a failed heartbeat must not stop the drain
+        except Exception:
             return
         gevent.sleep(1.0)

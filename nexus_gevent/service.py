@@ -10,17 +10,20 @@ WAL directory for the next worker.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import gevent
 import gevent.event
 
+from . import metrics
 from .adopt import adopt_orphans
 from .config import Settings
 from .deadletters import DeadLetterStore
 from .destinations import open_destination
 from .entry import Entry
+from .errors import DestinationUnavailable
 from .idempotency import IdempotencyIndex
 from .ingest import Ingest
 from .lane import Lane, RateMeter
@@ -38,6 +41,18 @@ DEAD_LETTERS_FILENAME = "dead-letters.db"
 REPLAY_PROGRESS_INTERVAL = 2.0
 #: How often a worker looks for WAL directories no live worker holds.
 ADOPT_INTERVAL = 10.0
+#: How often live gauges (queue depth, backlog, WAL pending) are published.
+GAUGE_INTERVAL = 1.0
+
+
+def _counting(meter: RateMeter) -> Callable[[], None]:
+    processed = metrics.PROCESSED
+
+    def on_processed() -> None:
+        processed.inc()
+        meter.tick()
+
+    return on_processed
 
 
 class Service:
@@ -58,6 +73,7 @@ class Service:
         self.replay_result: ReplayResult | None = None
         self._replayer: gevent.Greenlet[Any, Any] | None = None
         self._adopter: gevent.Greenlet[Any, Any] | None = None
+        self._gauges: gevent.Greenlet[Any, Any] | None = None
         self._shutdown_started = False
         self._stopped = gevent.event.Event()
         self._drained = False
@@ -76,6 +92,8 @@ class Service:
         self.dead_letters = DeadLetterStore(s.data_dir / DEAD_LETTERS_FILENAME)
         self.index = IdempotencyIndex(s.data_dir / IDEMPOTENCY_FILENAME, window=s.idempotency_window)
         self.settlement = Settlement(self.wal, self.dead_letters)
+        # Retries started before a restart still leave the list once delivered.
+        self.settlement.retrying.update(self.dead_letters.retrying_ids())
         for dest in s.destinations:
             destination = open_destination(dest.name, dest.url)
             self.destinations[dest.name] = destination
@@ -86,10 +104,10 @@ class Service:
                     workers=s.queue_workers,
                     max_attempts=s.max_attempts,
                     initial_backoff=s.initial_backoff,
-                    on_processed=meter.tick,
+                    on_processed=_counting(meter),
                 ),
                 self._log,
-                destination,
+                metrics.MeteredDestination(destination, DestinationUnavailable),
                 self.settlement,
             )
             lane = Lane(queue, self._log, meter)
@@ -97,6 +115,7 @@ class Service:
         self.ingest = Ingest(self.wal, self.lanes, self.index, shed_policy=s.shed_policy, logger=self._log)
         self.state = "replaying"
         self._replayer = gevent.spawn(self._replay)
+        self._gauges = gevent.spawn(self._update_gauges)
         self._log.info("worker_started", wal_dir=str(self.lock.path), destinations=sorted(self.lanes))
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -126,6 +145,8 @@ class Service:
         result = self.wal.replay(progress)
         self.replay_result = result
         requeued, discarded = self._take_in([entry for entry, _seg in result.pending.values()])
+        metrics.REPLAYED.inc(requeued)
+        metrics.WAL_DAMAGE.inc(len(result.damage))
         rate = result.records / result.seconds if result.seconds > 0 else 0.0
         self._log.info(
             "wal_replayed",
@@ -173,10 +194,46 @@ class Service:
             try:
                 adopted = adopt_orphans(self.data_dir / WAL_DIRNAME, self.lock.path, self.wal, self._log)
                 if adopted:
-                    self._take_in(adopted)
+                    taken, _discarded = self._take_in(adopted)
+                    metrics.REPLAYED.inc(taken)
             except Exception as exc:
                 self._log.warning("wal_orphan_adoption_failed", error=str(exc))
             gevent.sleep(ADOPT_INTERVAL)
+
+    def _update_gauges(self) -> None:
+        """Publish this worker's live state every GAUGE_INTERVAL; /metrics sums the workers."""
+        while self.state != "stopped":
+            for name, lane in self.lanes.items():
+                metrics.QUEUE_DEPTH.labels(name).set(lane.queue.depth)
+                metrics.BACKLOG.labels(name).set(lane.backlog)
+                metrics.DESTINATION_UP.labels(name).set(1 if lane.queue.destination_available else 0)
+            if self.wal is not None:
+                metrics.WAL_PENDING.set(self.wal.pending_count)
+                metrics.WAL_BYTES.set(self.wal.size_bytes)
+            gevent.sleep(GAUGE_INTERVAL)
+
+    def retry_dead_letter(self, payload_id: str) -> bool:
+        """Put a dead letter back to PENDING and deliver it; False if there is no such one.
+
+        The entry is appended to the WAL again first (durable, PENDING), and only then
+        flagged as retrying: a crash in between leaves it both pending and listed,
+        and delivering it twice stores it once.
+        """
+        assert self.dead_letters is not None
+        assert self.wal is not None
+        assert self.settlement is not None
+        letter = self.dead_letters.get(payload_id)
+        if letter is None:
+            return False
+        lane = self.lanes.get(letter.entry.destination)
+        if lane is None:
+            return False
+        self.wal.append(letter.entry)
+        self.dead_letters.set_retrying(payload_id)
+        self.settlement.retrying.add(payload_id)
+        lane.offer(letter.entry)
+        self._log.info("dead_letter_retried", payload_id=payload_id)
+        return True
 
     def not_ready_reasons(self) -> list[str]:
         """Why /ready should answer 503; empty when ready."""
@@ -204,8 +261,9 @@ class Service:
         if self._replayer is not None and not self._replayer.dead:
             self._replayer.join(timeout=0 if deadline is None else max(0.0, deadline - time.monotonic()))
             self._replayer.kill()
-        if self._adopter is not None:
-            self._adopter.kill()
+        for helper in (self._adopter, self._gauges):
+            if helper is not None:
+                helper.kill()
         for lane in self.lanes.values():
             lane.stop()
         drains = [
@@ -214,6 +272,7 @@ class Service:
         ]
         gevent.joinall(drains)
         self._drained = all(g.value for g in drains)
+        metrics.DRAIN_DURATION.observe(time.monotonic() - started)
         left = sum(lane.queue.depth + lane.backlog for lane in self.lanes.values())
         self._log.info(
             "drain_finished", drained=self._drained, seconds=round(time.monotonic() - started, 3), left_pending=left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from . import metrics
 from .deadletters import DeadLetterStore
 from .entry import Entry
 from .wal import Wal
@@ -33,3 +34,4 @@ class Settlement:
         # the entry may be reclaimed, and the dead-letter store is then its only copy.
         self._dead.record(entry, error, attempts)
         self._wal.mark_failed([entry.payload_id])
+        metrics.PERMANENT_FAILURES.inc()

@@ -8,6 +8,7 @@ import falcon
 
 from ..auth import Authenticator
 from ..service import Service
+from .admin import DeadLetterRetryResource, DeadLettersResource, MetricsResource, StatusResource
 from .errors import serialize_error, unexpected_error_handler
 from .inbound import InboundResource
 from .middleware import RequestContext
@@ -27,6 +28,10 @@ def create_app(service: Service, logger: Any) -> falcon.App[falcon.Request, falc
     app.add_route("/inbound/{source}", InboundResource(settings, auth, service.ingest, lambda: service.state))
     app.add_route("/query/{destination}", QueryResource(settings, auth, service.destinations))
     app.add_route("/health", HealthResource())
+    app.add_route("/metrics", MetricsResource(auth, settings.metrics_public))
+    app.add_route("/admin/status", StatusResource(auth, service))
+    app.add_route("/admin/dead-letters", DeadLettersResource(auth, service))
+    app.add_route("/admin/dead-letters/{payload_id}/retry", DeadLetterRetryResource(auth, service))
     app.add_route("/ready", ReadyResource(service.not_ready_reasons))
     return app
 

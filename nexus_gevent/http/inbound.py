@@ -11,6 +11,7 @@ from typing import Any
 import falcon
 import orjson
 
+from .. import metrics
 from ..auth import Authenticator
 from ..config import Settings
 from ..errors import QueueClosed, WalUnavailable
@@ -131,6 +132,7 @@ class InboundResource:
         try:
             result = self._ingest.write(source, destination, body, subject=subject, key=key)
         except WalUnavailable as exc:
+            metrics.WAL_FAILURES.inc()
             raise ApiError(
                 falcon.HTTP_503,
                 "wal_unavailable",
@@ -142,7 +144,16 @@ class InboundResource:
             raise ApiError(
                 falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1
             ) from None
+        self._count(source, result)
         self._answer(req, resp, result)
+
+    def _count(self, source: str, result: WriteResult) -> None:
+        if result.outcome == "accepted":
+            metrics.ACCEPTED.labels(source).inc()
+        elif result.outcome == "duplicate":
+            metrics.DUPLICATES.labels(source).inc()
+        else:
+            metrics.SHED.labels(source, self._settings.shed_policy).inc()
 
     @staticmethod
     def _answer(req: falcon.Request, resp: falcon.Response, result: WriteResult) -> None:
