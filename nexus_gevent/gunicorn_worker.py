@@ -6,9 +6,12 @@ level (psycopg decides at first import whether to cooperate with gevent).
 
 from __future__ import annotations
 
+import _socket
+import socket
 import sys
 from typing import Any
 
+import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 _LIFECYCLE = "nexus_gevent.lifecycle"
@@ -21,13 +24,90 @@ def drain_budget(drain_timeout: float, graceful_timeout: float) -> float:
     return max(0.0, min(drain_timeout, graceful_timeout - DRAIN_MARGIN_SECONDS))
 
 
+class _IdleWait:
+    """gunicorn's wait for a keep-alive connection's next request, marked as idle while it lasts."""
+
+    def __init__(self, idle: set[Any], timeout: Any) -> None:
+        self._idle = idle
+        self._timeout = timeout
+        self._greenlet: Any = None
+
+    def __enter__(self) -> _IdleWait:
+        self._greenlet = gevent.getcurrent()
+        self._idle.add(self._greenlet)
+        self._timeout.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        self._idle.discard(self._greenlet)
+        swallowed: bool | None = self._timeout.__exit__(*exc)
+        return swallowed
+
+
+def _shut_down(sock: Any) -> None:
+    """shutdown(2) the connection: its reader sees EOF and gunicorn closes it quietly.
+
+    Done on a plain socket object over the same fd, because gevent's own shutdown()
+    also fails the blocked reader with EBADF, which gunicorn logs as a socket error.
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        return  # already closed
+    raw = _socket.socket(fileno=fd)
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the peer is already gone
+    finally:
+        raw.detach()
+
+
 class NexusWorker(GeventWorker):  # type: ignore[misc]
     """Stops taking writes on SIGTERM, finishes open requests, then drains with heartbeats.
 
     The drain runs inside run(), where `notify()` still works: a worker leaving on
     its own (max_requests) is watched by the heartbeat timeout, not by
     graceful_timeout, and would otherwise be killed mid-drain.
+
+    Idle keep-alive connections are closed once the worker stops: gunicorn's gevent
+    worker otherwise waits for them until graceful_timeout (benoitc/gunicorn#3227),
+    and the master, whose SIGKILL deadline is that same graceful_timeout, kills the
+    worker before its drain has run. nginx keeps upstream connections open, so this
+    would be every shutdown in production.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The greenlet serving each open connection, and its socket.
+        self._connections: dict[Any, Any] = {}
+        #: Greenlets waiting for a connection's next request (none is inside a request).
+        self._idle: set[Any] = set()
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        me = gevent.getcurrent()
+        self._connections[me] = client
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self._connections.pop(me, None)
+
+    def timeout_ctx(self) -> _IdleWait:
+        return _IdleWait(self._idle, super().timeout_ctx())
+
+    def notify(self) -> None:
+        """Heartbeat; once stopping, also close the connections that wait idle for a next request.
+
+        gunicorn's run() calls this every second while it waits for open connections
+        after it stopped accepting, so a connection that goes idle later (its request
+        started before the stop and was answered keep-alive) is closed on the next beat.
+        It runs in the main greenlet: every greenlet in `_idle` is blocked reading.
+        """
+        super().notify()
+        if not self.alive:
+            for greenlet in list(self._idle):
+                sock = self._connections.get(greenlet)
+                if sock is not None:
+                    _shut_down(sock)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)

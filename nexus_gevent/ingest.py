@@ -14,7 +14,7 @@ import gevent.event
 
 from . import metrics
 from .entry import Entry, new_payload_id
-from .errors import WalUnavailable
+from .errors import QueueClosed, WalUnavailable
 from .idempotency import IdempotencyIndex
 from .lane import Lane
 from .wal import Wal
@@ -110,7 +110,15 @@ class Ingest:
             if reserved:
                 lane.release()
             raise
-        if lane.offer(entry, reserved=reserved):
+        try:
+            queued = lane.offer(entry, reserved=reserved)
+        except QueueClosed:
+            # The drain began while the append waited for its fsync. The entry is durable
+            # and stays PENDING in this WAL directory, which the next worker to take it
+            # over delivers: that is an acknowledgement. A 503 would invite a retry, and
+            # the retry would be stored a second time.
+            return WriteResult("accepted", entry.payload_id)
+        if queued:
             return WriteResult("accepted", entry.payload_id)
         return WriteResult("shed", entry.payload_id, lane.retry_after())
 

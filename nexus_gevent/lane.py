@@ -16,7 +16,7 @@ from typing import Any
 import gevent
 
 from .entry import Entry
-from .errors import LoadShed
+from .errors import LoadShed, QueueClosed
 from .queue import Queue
 
 #: How often the feeder looks for room while the backlog is not empty.
@@ -103,6 +103,10 @@ class Lane:
                 return True
             except LoadShed:
                 pass
+            except QueueClosed:
+                # Draining: the entry is durable and stays PENDING for the next owner
+                # of this WAL directory; for its client it is accepted all the same.
+                return True
         self._backlog[entry.payload_id] = entry
         self._wake_feeder()
         return False

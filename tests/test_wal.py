@@ -279,7 +279,8 @@ class TestFrameScan:
 
         intact = [records.decode_entry(x.body).payload_id for x in found if isinstance(x, Frame)]
         assert intact == [make_entry(i).payload_id for i in (0, 2, 3, 4, 5)]
-        assert [x for x in found if isinstance(x, Damage)] == [Damage(len(frames[0]), len(frames[1]), "checksum mismatch")]
+        damage = [x for x in found if isinstance(x, Damage)]
+        assert damage == [Damage(len(frames[0]), len(frames[1]), "checksum mismatch")]
 
     @pytest.mark.parametrize(
         ("cut_into", "reason"),
@@ -298,7 +299,10 @@ class TestFrameScan:
 
         found = list(scan(buf))
 
-        assert found == [Frame(0, records.ENTRY, records.encode_entry(make_entry(0))), Damage(len(frames[0]), cut_into, reason)]
+        assert found == [
+            Frame(0, records.ENTRY, records.encode_entry(make_entry(0))),
+            Damage(len(frames[0]), cut_into, reason),
+        ]
 
     def test_adjacent_damaged_records_are_reported_as_one_run(self) -> None:
         """Two corrupt records in a row are one Damage covering both."""
@@ -361,7 +365,7 @@ class TestRecords:
     def test_unicode_and_newlines_and_backslashes_survive_byte_for_byte(self) -> None:
         """Unicode metadata and a payload holding raw newlines and backslashes decode to the same bytes."""
         payload = b'{\n  "path": "C:\\\\tmp\\\\x",\n  "text": "line1\\nline2 \xc3\xa9\xf0\x9f\x98\x80"\n}\n'
-        entry = make_entry(3, subject="sujet \u00e9\u4e2d\n", key="cl\u00e9\\\"", payload=payload, source="s\u00f8urce")
+        entry = make_entry(3, subject="sujet \u00e9\u4e2d\n", key='cl\u00e9\\"', payload=payload, source="s\u00f8urce")
 
         decoded = records.decode_entry(records.encode_entry(entry))
 
@@ -407,7 +411,11 @@ class TestReplay:
         e = [make_entry(i) for i in range(6)]
         write_segment(wal_dir, 0, *(entry_frame(x) for x in e[:4]), mark_frame(records.DELIVERED, e[0], e[2]))
         write_segment(
-            wal_dir, 1, entry_frame(e[4]), entry_frame(e[5]), mark_frame(records.FAILED, e[3]),
+            wal_dir,
+            1,
+            entry_frame(e[4]),
+            entry_frame(e[5]),
+            mark_frame(records.FAILED, e[3]),
             mark_frame(records.DISCARDED, e[5]),
         )
 
@@ -487,7 +495,8 @@ class TestReplay:
         result = replay_directory(wal_dir)
 
         assert list(result.pending) == [e[0].payload_id, e[1].payload_id]
-        assert result.damage == [DamageReport(path, len(frames[0]) + len(frames[1]), len(frames[2]) // 2, "torn record")]
+        torn_at = len(frames[0]) + len(frames[1])
+        assert result.damage == [DamageReport(path, torn_at, len(frames[2]) // 2, "torn record")]
 
     def test_a_torn_tail_in_an_old_segment_does_not_stop_later_segments(self, wal_dir: Path) -> None:
         """Damage at the end of one segment leaves the next segment fully replayed."""
@@ -555,7 +564,7 @@ class TestReplay:
     def test_wal_replay_logs_each_damaged_run_at_error_with_file_and_offset(
         self, wal_dir: Path, log: RecordingLogger
     ) -> None:
-        """Wal.replay() logs every skipped damaged run at ERROR, naming its file and offset, and returns the intact rest."""
+        """Wal.replay() logs each skipped damaged run at ERROR with its file and offset, and returns the rest."""
         # Given a corrupt middle record in segment 0 and a torn tail in segment 1
         frames = [entry_frame(make_entry(i)) for i in range(4)]
         seg0 = write_segment(wal_dir, 0, frames[0], flip(frames[1], HEADER_SIZE), frames[2])
@@ -777,9 +786,7 @@ class TestWalReclaim:
         assert segment_numbers(wal_dir) == [5]
         assert pending_ids(wal_dir) == []
 
-    def test_reopening_reclaims_segments_replay_found_settled(
-        self, open_wal: OpenWal, wal_dir: Path, log: RecordingLogger
-    ) -> None:
+    def test_reopening_reclaims_segments_replay_found_settled(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """start() deletes the settled prefix left by a previous run, keeping the segment with a pending entry."""
         # Given a previous run that left e0 delivered (segment 0) and e1 pending (segment 1)
         e0, e1 = make_entry(0), make_entry(1)
@@ -980,7 +987,6 @@ class TestWalFailures:
         assert pending_ids(wal_dir) == [make_entry(0).payload_id, make_entry(2).payload_id]
         assert dir_fsync.calls >= 2
 
-
     def test_a_failed_reclaim_does_not_stop_the_wal(
         self, open_wal: OpenWal, wal_dir: Path, monkeypatch: pytest.MonkeyPatch, log: RecordingLogger
     ) -> None:
@@ -1117,7 +1123,10 @@ class TestDirLock:
         env = {**os.environ, "PYTHONPATH": str(Path(nexus_gevent.__file__).resolve().parent.parent)}
         proc = subprocess.Popen(
             [sys.executable, "-c", _CLAIM_AND_BLOCK, str(root)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
         )
         try:
             assert proc.stdout is not None

@@ -31,6 +31,16 @@ MAX_ENTRIES = 10
 Span = tuple[int, int]
 
 
+def _flips(size: int, *, min_size: int, max_size: int) -> st.SearchStrategy[list[tuple[int, int]]]:
+    """Distinct byte positions of a buffer of `size` bytes, each with a non-zero XOR mask."""
+    return st.lists(
+        st.tuples(st.integers(min_value=0, max_value=size - 1), st.integers(min_value=1, max_value=255)),
+        min_size=min_size,
+        max_size=max_size,
+        unique_by=lambda flip: flip[0],
+    )
+
+
 @dataclass(frozen=True)
 class Mark:
     span: Span
@@ -131,7 +141,8 @@ def assert_replay_is_sound(seg: Segment, result: ReplayResult, intact: Callable[
     # WAL order is kept: pending entries come in the order they were written.
     assert list(result.pending) == sorted(result.pending)
     for report in result.damage:
-        assert 0 <= report.offset and report.length > 0
+        assert report.offset >= 0
+        assert report.length > 0
 
 
 class TestReplayUnderDamage:
@@ -164,15 +175,7 @@ class TestReplayUnderDamage:
     @given(seg=segments(), data=st.data())
     def test_flipped_bits_lose_only_the_records_they_touch(self, seg: Segment, data: st.DataObject) -> None:
         """Bits flipped anywhere cost only the records holding them, and are always reported."""
-        flips = data.draw(
-            st.lists(
-                st.tuples(st.integers(min_value=0, max_value=len(seg.data) - 1), st.integers(min_value=1, max_value=255)),
-                min_size=1,
-                max_size=6,
-                unique_by=lambda flip: flip[0],
-            ),
-            label="flips",
-        )
+        flips = data.draw(_flips(len(seg.data), min_size=1, max_size=6), label="flips")
         damaged = bytearray(seg.data)
         for at, mask in flips:
             damaged[at] ^= mask
@@ -198,14 +201,7 @@ class TestReplayUnderDamage:
     @given(seg=segments(), data=st.data())
     def test_all_three_kinds_of_damage_at_once(self, seg: Segment, data: st.DataObject) -> None:
         """Flips, then a cut, then garbage: replay still never raises, invents nothing, loses nothing intact."""
-        flips = data.draw(
-            st.lists(
-                st.tuples(st.integers(min_value=0, max_value=len(seg.data) - 1), st.integers(min_value=1, max_value=255)),
-                max_size=3,
-                unique_by=lambda flip: flip[0],
-            ),
-            label="flips",
-        )
+        flips = data.draw(_flips(len(seg.data), min_size=0, max_size=3), label="flips")
         cut = data.draw(st.integers(min_value=0, max_value=len(seg.data)), label="cut")
         garbage = data.draw(st.binary(max_size=64), label="garbage")
         damaged = bytearray(seg.data)

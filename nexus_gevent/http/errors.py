@@ -27,6 +27,9 @@ class ApiError(falcon.HTTPError):
         extra: dict[str, Any] | None = None,
     ) -> None:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        if status == falcon.HTTP_401:
+            # RFC 9110 section 11.6.1: a 401 names the scheme it wants.
+            headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="nexus"'}
         super().__init__(status, title=code, description=message, headers=headers)
         self.error_code = code
         self.message = message

@@ -300,6 +300,8 @@ class Ledger:
     answered: dict[str, int] = field(default_factory=dict)
     lost: set[int] = field(default_factory=set)
     outcomes: Counter[str] = field(default_factory=Counter)
+    #: n -> what became of its request ("202", "503:shutting_down", "error:ConnectionResetError").
+    outcome_of: dict[int, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_sent(self, n: int) -> None:
@@ -315,6 +317,7 @@ class Ledger:
         label = str(status) if status in (200, 202) else f"{status}:{data.get('error') if isinstance(data, dict) else '?'}"
         with self.lock:
             self.outcomes[label] += 1
+            self.outcome_of[n] = label
             if isinstance(payload_id, str):
                 self.answered[payload_id] = n
                 if status in (202, 429):
@@ -323,7 +326,9 @@ class Ledger:
     def record_lost(self, n: int, exc: BaseException) -> None:
         with self.lock:
             self.lost.add(n)
-            self.outcomes[f"error:{type(exc).__name__}"] += 1
+            label = f"error:{type(exc).__name__}"
+            self.outcomes[label] += 1
+            self.outcome_of[n] = label
 
     @property
     def acked_count(self) -> int:
@@ -491,5 +496,8 @@ def exactly_once_problems(ledger: Ledger, db_path: Path, *, responses_may_be_los
         if told is not None and told != n:
             problems.append(f"row {payload_id} holds n={n}, but the client was given that id for n={told}")
         elif told is None and not (responses_may_be_lost and n in ledger.lost):
-            problems.append(f"row {payload_id} (n={n}) was stored, but its request was never acknowledged")
+            problems.append(
+                f"row {payload_id} (n={n}) was stored, but its request was never acknowledged: "
+                f"{ledger.outcome_of.get(n, 'no outcome recorded')}"
+            )
     return problems
