@@ -33,8 +33,13 @@ pytestmark = pytest.mark.process
 
 #: gunicorn.conf.py: graceful_timeout = drain timeout (10 s in these tests) + 10 s.
 GRACEFUL_TIMEOUT = 20.0
+#: Client threads writing at once.
+WRITER_THREADS = 8
 #: Acknowledged writes before the signal or the kill, so that there is something to lose.
 ACKS_BEFORE_KILL = 300
+
+#: Worker recycles (max_requests) the recycling test waits for.
+RECYCLES = 4
 
 Launch = Callable[..., Gunicorn]
 
@@ -84,7 +89,7 @@ class TestGracefulStop:
         # Given two workers taking writes from eight threads
         server = launch()
         server.wait_ready()
-        writers = Writers(server.port, threads=8, total=1000)
+        writers = Writers(server.port, threads=WRITER_THREADS, total=1000)
         writers.start()
         # When the master gets SIGTERM halfway through
         writers.wait_acked(500)
@@ -125,40 +130,44 @@ class TestGracefulStop:
         assert_exactly_once(ledger, server)
 
     def test_sigint_drains_through_the_worker_exit_backstop(self, launch: Launch) -> None:
-        """SIGINT to the master (workers get SIGQUIT): worker_exit still drains and every ack is one row."""
+        """SIGINT to the master (workers get SIGQUIT): worker_exit drains, and the restart delivers the rest, once."""
         # Given two workers taking writes
         server = launch()
         server.wait_ready()
-        writers = Writers(server.port, threads=8, total=800)
+        writers = Writers(server.port, threads=WRITER_THREADS, total=800)
         writers.start()
         # When the master gets SIGINT mid-stream
         writers.wait_acked(ACKS_BEFORE_KILL)
         code, _ = server.stop(signal.SIGINT)
         writers.join()
-        # Then both workers drained on their way out, without a restart
+        # Then both workers drained on their way out, without a restart ...
         assert code == 0, server.log_tail()
         drained = drained_wal_dirs(server)
         assert len(drained) == 2 and all(drained.values()), server.log_tail()
-        assert_exactly_once(writers.ledger, server)
-        # ... and a restart finds nothing PENDING that was never acknowledged
+        # ... all but the requests still in flight when the drain began (SIGQUIT does not
+        # wait for them): acknowledged, they stay PENDING for the next owner of the WAL
+        left = writers.ledger.acked.keys() - count_rows(server.db_path).keys()
+        assert len(left) <= WRITER_THREADS, f"{len(left)} acknowledged entries left to the restart"
+        # ... which delivers them: every ack exactly once, and nothing unacknowledged
         assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
 
     def test_max_requests_recycling_delivers_every_acknowledged_entry_exactly_once(self, launch: Launch) -> None:
-        """Workers recycled every 50 requests while 500 entries are written: each recycle drains, each ack is one row."""
+        """Workers recycled every 50 requests under continuous writes: each recycle drains, each ack is one row."""
         # Given two workers that restart themselves after 50 requests
         server = launch(env={"NEXUS_MAX_REQUESTS": "50"})
         server.wait_ready()
-        # When 500 entries are written through them, and the master is then stopped
-        writers = Writers(server.port, threads=8, total=500)
-        writers.start()
-        writers.join()
+        # When at least 500 entries are written while at least 4 workers recycle
+        # (gunicorn notices max_requests in a 1 s loop, so a burst alone recycles nobody)
+        with Writers(server.port, threads=WRITER_THREADS) as writers:
+            writers.wait_acked(500)
+            wait_for(lambda: len(server.events("drain_finished")) >= RECYCLES, 60,
+                     f"{RECYCLES} recycled workers", describe=server.log_tail)
         code, _ = server.stop(signal.SIGTERM)
-        # Then workers were recycled, each one drained, and every ack is stored once
+        # Then each recycled worker drained fully, and every ack is stored once
         assert code == 0, server.log_tail()
         drains = server.events("drain_finished")
-        assert len(drains) >= 500 // 50, server.log_tail()
+        assert len(drains) >= RECYCLES + 2, server.log_tail()
         assert all(d["drained"] for d in drains), server.log_tail()
-        assert writers.ledger.acked_count >= 450, dict(writers.ledger.outcomes)
         assert_exactly_once(writers.ledger, server)
         assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
 
@@ -174,7 +183,7 @@ class TestCrash:
         # Given two workers under continuous writes
         first = launch()
         first.wait_ready()
-        writers = Writers(first.port, threads=8)
+        writers = Writers(first.port, threads=WRITER_THREADS)
         writers.start()
         try:
             # When everything is killed with SIGKILL while writes are in flight (a different moment each round)
@@ -197,7 +206,7 @@ class TestCrash:
         # Given two workers under continuous writes
         server = launch()
         server.wait_ready()
-        with Writers(server.port, threads=8) as writers:
+        with Writers(server.port, threads=WRITER_THREADS) as writers:
             writers.wait_acked(ACKS_BEFORE_KILL)
             victim = server.worker_pids()[0]
             wal_dir = server.wal_dir_of(victim)

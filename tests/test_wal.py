@@ -605,6 +605,35 @@ class TestWalAppend:
         assert replay_directory(wal_dir).pending == {entry.payload_id: (entry, 0)}
         assert wal.is_pending(entry.payload_id)
 
+    def test_append_many_makes_every_entry_durable_with_one_fsync(
+        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+    ) -> None:
+        """append_many returns once all its entries are on disk, committed together in one batch."""
+        wal = open_wal()
+        entries = [make_entry(i) for i in range(5)]
+
+        wal.append_many(entries)
+
+        assert fdatasync.calls == 1
+        assert pending_ids(wal_dir) == [e.payload_id for e in entries]
+        assert all(wal.is_pending(e.payload_id) for e in entries)
+
+    def test_append_many_of_nothing_writes_nothing(self, open_wal: OpenWal, fdatasync: FaultyCall) -> None:
+        """An empty append_many returns at once without an fsync."""
+        wal = open_wal()
+        wal.append_many([])
+        assert fdatasync.calls == 0
+
+    def test_run_io_runs_in_the_wal_thread_and_returns_the_result(self, open_wal: OpenWal) -> None:
+        """run_io(fn, *args) runs fn off the calling thread and hands back its return value."""
+        wal = open_wal()
+        here = threading.get_ident()
+
+        where, total = wal.run_io(lambda a, b: (threading.get_ident(), a + b), 2, 3)
+
+        assert where != here
+        assert total == 5
+
     def test_segment_files_are_private_to_the_owner(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """Segments are created with mode 0600."""
         wal = open_wal()

@@ -25,7 +25,7 @@ from nexus_gevent.wal.segments import segment_path
 
 #: Enough examples to explore offsets and masks, few enough for a quick suite.
 EXAMPLES = 100
-MAX_ENTRIES = 10
+MAX_ENTRIES = 8
 
 #: A half-open byte range [start, end) of the segment file.
 Span = tuple[int, int]

@@ -6,13 +6,10 @@ import json
 from datetime import UTC, datetime
 from typing import TextIO
 
-#: C0 control characters (and DEL) shown escaped, so one record stays on one line.
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
-    ord("\n"): "\\n",
-    ord("\r"): "\\r",
-    ord("\t"): "\\t",
-    ord("\\"): "\\\\",
-}
+#: C0 control characters (and DEL) shown escaped, so one record stays on one line and
+#: tabs separate fields only. Backslashes stay as they are: JSON text is full of them,
+#: and --json is the exact form.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
 def iso(timestamp: float) -> str:

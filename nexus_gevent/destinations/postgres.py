@@ -122,7 +122,7 @@ _INSERT = """
     )
     SELECT b.payload_id, b.source, %s, b.subject, b.idempotency_key,
            b.received_at, statement_timestamp(), b.payload::jsonb
-    FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[])
+    FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
         AS b(payload_id, source, subject, idempotency_key, received_at, payload)
     ON CONFLICT (payload_id) DO NOTHING
 """

@@ -87,7 +87,10 @@ def is_alive(pid: int) -> bool:
 
 def service_env(data_dir: Path, port: int, workers: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a gunicorn under test: no NEXUS_* setting leaks in from the caller's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_") and k != "WEB_CONCURRENCY"}
+    # PROMETHEUS_MULTIPROC_DIR too: gunicorn.conf.py empties it at start, so it must be
+    # the one it derives from this data dir, never a folder inherited from the caller.
+    inherited = ("NEXUS_", "WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     env.update(
         NEXUS_DATA_DIR=str(data_dir),
         NEXUS_BIND=f"{HOST}:{port}",
