@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -21,6 +22,9 @@ from .queue import Queue
 
 #: How often the feeder looks for room while the backlog is not empty.
 FEED_INTERVAL = 0.02
+#: Durable entries a lane keeps in memory while they wait for room. Past this, they
+#: wait on disk only, and are read back from the WAL once the backlog has drained.
+BACKLOG_MAX = 100_000
 #: Retry-After bounds, in whole seconds (RFC 9110 section 10.2.3 allows any delay).
 RETRY_AFTER_MIN = 1
 RETRY_AFTER_MAX = 60
@@ -56,12 +60,25 @@ class RateMeter:
 class Lane:
     """Routes entries to one destination's queue; keeps what does not fit, in order."""
 
-    def __init__(self, queue: Queue, logger: Any, meter: RateMeter | None = None) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        logger: Any,
+        meter: RateMeter | None = None,
+        *,
+        refill: Callable[[int], list[Entry]] | None = None,
+        backlog_max: int = BACKLOG_MAX,
+    ) -> None:
         self.queue = queue
         #: Fed by the queue's on_processed callback; Retry-After reads it.
         self.meter = meter if meter is not None else RateMeter()
         self._log = logger
         self._backlog: dict[str, Entry] = {}
+        self._backlog_max = backlog_max
+        #: Reads PENDING entries of this destination back from the WAL.
+        self._refill = refill
+        #: Some durable entries were left on disk only, because the backlog was full.
+        self._spilled = False
         self._reserved = 0
         self._feeder: gevent.Greenlet[Any, Any] | None = None
         self._stopped = False
@@ -73,6 +90,11 @@ class Lane:
     @property
     def backlog(self) -> int:
         return len(self._backlog)
+
+    @property
+    def spilled(self) -> bool:
+        """True while some waiting entries are on disk only."""
+        return self._spilled
 
     @property
     def room(self) -> int:
@@ -107,9 +129,15 @@ class Lane:
                 # Draining: the entry is durable and stays PENDING for the next owner
                 # of this WAL directory; for its client it is accepted all the same.
                 return True
-        self._backlog[entry.payload_id] = entry
+        self._keep(entry)
         self._wake_feeder()
         return False
+
+    def _keep(self, entry: Entry) -> None:
+        if len(self._backlog) < self._backlog_max or self._refill is None:
+            self._backlog[entry.payload_id] = entry
+        else:
+            self._spilled = True
 
     def retry_after(self) -> int:
         """Seconds until the backlog should have cleared at the measured delivery rate."""
@@ -128,7 +156,15 @@ class Lane:
             self._feeder = gevent.spawn(self._feed)
 
     def _feed(self) -> None:
-        while self._backlog and not self._stopped:
+        while (self._backlog or self._spilled) and not self._stopped:
+            if not self._backlog and self._spilled and self._refill is not None:
+                self._spilled = False
+                for entry in self._refill(self._backlog_max):
+                    if not self.holds(entry.payload_id):
+                        self._keep(entry)
+                self._log.info("backlog_refilled_from_wal", destination=self.name, entries=len(self._backlog))
+                if not self._backlog:
+                    return
             moved = 0
             while self._backlog and self.room > 0 and not self.queue.draining:
                 payload_id = next(iter(self._backlog))

@@ -110,13 +110,20 @@ class Service:
                 metrics.MeteredDestination(destination, DestinationUnavailable),
                 self.settlement,
             )
-            lane = Lane(queue, self._log, meter)
+            lane = Lane(queue, self._log, meter, refill=self._refiller(dest.name))
             self.lanes[dest.name] = lane
         self.ingest = Ingest(self.wal, self.lanes, self.index, shed_policy=s.shed_policy, logger=self._log)
         self.state = "replaying"
         self._replayer = gevent.spawn(self._replay)
         self._gauges = gevent.spawn(self._update_gauges)
         self._log.info("worker_started", wal_dir=str(self.lock.path), destinations=sorted(self.lanes))
+
+    def _refiller(self, destination: str) -> Callable[[int], list[Entry]]:
+        def refill(limit: int) -> list[Entry]:
+            assert self.wal is not None
+            return self.wal.read_pending(destination, limit)
+
+        return refill
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait for replay to finish; True when the service is ready."""

@@ -51,11 +51,17 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Offline tools for a nexus_gevent data directory.")
     tools = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
-    wal = tools.add_parser("wal", help="read the WAL and dead letters of a stopped service")
+    wal = tools.add_parser(
+        "wal",
+        help="read the WAL and dead letters of a stopped service",
+        description="Read a data directory's WAL and dead letters; never writes to it.",
+        epilog="exit codes: 0 success (verify: healthy), 1 verify found damage, 2 usage or I/O error, "
+        "or a WAL directory held by a running service",
+    )
     commands = wal.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", help=f"the data directory (default: ${DATA_DIR_ENV}, else ./var)")
+    common.add_argument("--data-dir", metavar="PATH", help=f"the data directory (default: ${DATA_DIR_ENV}, else ./var)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     reads_wal = argparse.ArgumentParser(add_help=False, parents=[common])
     reads_wal.add_argument("--force", action="store_true", help="read WAL directories a running service holds")
@@ -73,16 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_run_verify)
 
     inspect = commands.add_parser("inspect", parents=[reads_wal], help="list WAL entries")
-    inspect.add_argument("--status", choices=[*STATUSES, wal_inspect.ALL], default="pending")
-    inspect.add_argument("--source")
-    inspect.add_argument("--destination")
-    inspect.add_argument("--payload-id")
-    inspect.add_argument("--limit", type=_positive, help="print at most N entries")
+    inspect.add_argument(
+        "--status", choices=[*STATUSES, wal_inspect.ALL], default="pending", help="final status (default: pending)"
+    )
+    inspect.add_argument("--source", help="only entries from this source")
+    inspect.add_argument("--destination", help="only entries bound for this destination")
+    inspect.add_argument("--payload-id", help="only this entry")
+    inspect.add_argument("--limit", type=_positive, metavar="N", help="print at most N entries")
     inspect.add_argument("--show-payload", action="store_true", help="include the payload text")
     inspect.set_defaults(run=_run_inspect)
 
     letters = commands.add_parser("dead-letters", parents=[common], help="list dead letters")
-    letters.add_argument("--limit", type=_positive, help="print at most N dead letters")
+    letters.add_argument("--limit", type=_positive, metavar="N", help="print at most N dead letters")
     letters.set_defaults(run=_run_dead_letters)
     return parser
 

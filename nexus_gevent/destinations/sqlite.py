@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 import sqlite3
 import time
@@ -366,7 +367,7 @@ class SQLiteDestination:
 def _capture(fn: Callable[..., _T], args: tuple[object, ...]) -> tuple[_T | None, Exception | None]:
     try:
         return fn(*args), None
-    except Exception as exc:  # noqa: BLE001 - handed to the caller, who raises it
+    except Exception as exc:
         return None, exc
 
 
@@ -424,7 +425,5 @@ def _rollback_quietly(conn: sqlite3.Connection) -> None:
     # The original error is what the caller needs; a failing ROLLBACK adds nothing,
     # and SQLite rolls an interrupted transaction back on the next open anyway.
     if conn.in_transaction:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass

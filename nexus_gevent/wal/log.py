@@ -27,9 +27,9 @@ from gevent.threadpool import ThreadPool
 from ..entry import Entry
 from ..errors import WalUnavailable
 from . import records
-from ._frame import encode
+from ._frame import Frame, encode
 from .replay import Progress, ReplayResult, replay_directory
-from .segments import list_segments, segment_path
+from .segments import list_segments, read_segment, segment_path
 
 T = TypeVar("T")
 
@@ -180,6 +180,17 @@ class Wal:
         """Run fn(*args) in the WAL's I/O thread, so file work stays off the hub."""
         result: T = self._pool.apply(fn, args)
         return result
+
+    def read_pending(self, destination: str, limit: int) -> list[Entry]:
+        """Up to `limit` PENDING entries for `destination`, oldest first, read back from disk.
+
+        For entries that are durable but no longer held in memory (a backlog that
+        overflowed). Reads in the I/O thread; the set of pending ids is snapshotted
+        here on the hub, so the thread never touches live state.
+        """
+        pending = frozenset(self._loc)
+        numbers = list(self._segments)
+        return self._pool.apply(_scan_pending, (self.directory, numbers, pending, destination, limit))
 
     # -- what operators and the service read --------------------------------
 
@@ -357,3 +368,22 @@ class Wal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _scan_pending(
+    directory: Path, numbers: list[int], pending: frozenset[str], destination: str, limit: int
+) -> list[Entry]:
+    found: dict[str, Entry] = {}
+    for number in numbers:
+        for item in read_segment(segment_path(directory, number)):
+            if not isinstance(item, Frame) or item.kind != records.ENTRY:
+                continue
+            try:
+                entry = records.decode_entry(item.body)
+            except (ValueError, KeyError, TypeError):
+                continue
+            if entry.payload_id in pending and entry.destination == destination:
+                found[entry.payload_id] = entry
+                if len(found) >= limit:
+                    return list(found.values())
+    return list(found.values())
