@@ -66,7 +66,10 @@ def _row_to_letter(row: Any) -> DeadLetter:
     return DeadLetter(entry, str(error), int(attempts), float(failed_at), str(status))
 
 
-_COLUMNS = "payload_id, source, destination, subject, idempotency_key, received_at, payload, error, attempts, failed_at, status"
+_COLUMNS = (
+    "payload_id, source, destination, subject, idempotency_key, received_at, payload,"
+    " error, attempts, failed_at, status"
+)
 
 
 class DeadLetterStore:

@@ -7,6 +7,7 @@ level (psycopg decides at first import whether to cooperate with gevent).
 from __future__ import annotations
 
 import _socket
+import signal
 import socket
 import sys
 from typing import Any
@@ -17,6 +18,8 @@ from gunicorn.workers.ggevent import GeventWorker
 _LIFECYCLE = "nexus_gevent.lifecycle"
 #: Kept between the drain's deadline and gunicorn's SIGKILL, for closing files.
 DRAIN_MARGIN_SECONDS = 5.0
+#: The master's stop signals: SIGTERM (graceful), SIGINT and SIGQUIT (quick).
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
 
 def drain_budget(drain_timeout: float, graceful_timeout: float) -> float:
@@ -82,6 +85,23 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
         self._connections: dict[Any, Any] = {}
         #: Greenlets waiting for a connection's next request (none is inside a request).
         self._idle: set[Any] = set()
+
+    def init_process(self) -> None:
+        """Hold the stop signals back until this worker's own handlers are installed.
+
+        Until init_signals(), which gunicorn runs only after monkey-patching (about
+        0.3 s here), the child still has the master's handlers, and they would
+        put a SIGTERM into the master's copied signal queue, where nobody reads it:
+        a worker booting while the master stops would ignore its SIGTERM, never
+        drain, and be SIGKILLed at graceful_timeout. Blocked, the signal stays
+        pending and is delivered as soon as init_signals() unblocks it.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        super().init_process()
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         me = gevent.getcurrent()

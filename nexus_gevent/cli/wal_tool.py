@@ -39,13 +39,26 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
         code: int = args.run(args, out, err)
-    except ToolError as exc:
-        err.write(f"{PROG} wal: error: {exc}\n")
+    except BrokenPipeError:  # the reader left early (`... | head`): stop quietly
+        _detach(out)
         return EXIT_ERROR
-    except (OSError, sqlite3.Error) as exc:
+    except (ToolError, OSError, sqlite3.Error) as exc:
         err.write(f"{PROG} wal: error: {exc}\n")
         return EXIT_ERROR
     return code
+
+
+def _detach(out: TextIO) -> None:
+    """Point a closed stdout at /dev/null, so the interpreter's final flush does not fail too."""
+    if out is not sys.stdout:
+        return
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,17 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--source", help="only entries from this source")
     inspect.add_argument("--destination", help="only entries bound for this destination")
     inspect.add_argument("--payload-id", help="only this entry")
-    inspect.add_argument("--limit", type=_positive, metavar="N", help="print at most N entries")
+    inspect.add_argument("--limit", type=_count, metavar="N", help="print at most N entries")
     inspect.add_argument("--show-payload", action="store_true", help="include the payload text")
     inspect.set_defaults(run=_run_inspect)
 
     letters = commands.add_parser("dead-letters", parents=[common], help="list dead letters")
-    letters.add_argument("--limit", type=_positive, metavar="N", help="print at most N dead letters")
+    letters.add_argument("--limit", type=_count, metavar="N", help="print at most N dead letters")
     letters.set_defaults(run=_run_dead_letters)
     return parser
 
 
-def _positive(text: str) -> int:
+def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -53,7 +53,10 @@ def free_port() -> int:
         return port
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str, *, describe: Callable[[], str] | None = None) -> T:
+def wait_for(
+    condition: Callable[[], T], timeout: float, what: str, *,
+    describe: Callable[[], str] | None = None, interval: float = POLL_INTERVAL,
+) -> T:
     """Poll `condition` until it returns something truthy and return that; ProcessTestError at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -63,7 +66,7 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, *, describe:
         if time.monotonic() >= deadline:
             detail = describe() if describe is not None else ""
             raise ProcessTestError(f"timed out after {timeout:.1f} s waiting for {what}\n{detail}")
-        time.sleep(POLL_INTERVAL)
+        time.sleep(interval)
 
 
 def children_of(pid: int) -> list[int]:
