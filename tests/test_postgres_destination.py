@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
@@ -29,13 +30,10 @@ from nexus_gevent.destinations.postgres import (
 from nexus_gevent.destinations.sqlite import format_timestamp
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
-from tests.support.postgres import (  # noqa: F401 - pytest fixtures, found by name
-    PostgresServer,
-    free_port,
-    managed_postgres,
-    postgres_db_url,
-    postgres_server,
-)
+from tests.support.postgres import PostgresServer, free_port
+
+# The fixtures (postgres_server, postgres_db_url, managed_postgres) come from here.
+pytest_plugins = ["tests.support.postgres"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -72,7 +70,7 @@ def dest(postgres_db_url: str) -> Iterator[PostgresDestination]:
     d.close()
 
 
-def fetch(url: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+def fetch(url: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
     """Rows of one query on a plain connection of the test's own, as another program would."""
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql.encode(), params).fetchall()
@@ -273,7 +271,12 @@ class TestWrite:
         done = threading.Event()
         with psycopg.connect(postgres_db_url, autocommit=True) as other, other.transaction():
             other.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
-            writer = threading.Thread(target=lambda: (dest.write([make_entry(1)]), done.set()))
+
+            def write() -> None:
+                dest.write([make_entry(1)])
+                done.set()
+
+            writer = threading.Thread(target=write)
             writer.start()
             assert not done.wait(0.5)
         writer.join(10)
@@ -486,8 +489,8 @@ class TestQuery:
             make_entry(3, source="a", subject="y"),
         ])
 
-        def ids(**kw: str) -> list[int]:
-            return [int(str(r["payload_id"]), 16) for r in dest.query(**kw)[0]]
+        def ids(source: str | None = None, subject: str | None = None) -> list[int]:
+            return [int(str(r["payload_id"]), 16) for r in dest.query(source=source, subject=subject)[0]]
 
         assert ids(source="a") == [1, 3]
         assert ids(subject="x") == [1, 2]

@@ -8,9 +8,9 @@
   as root every server command runs as the ``postgres`` OS user.
 - Neither available: the tests skip, unless ``NEXUS_TEST_REQUIRE_SERVICES=1``, where they fail.
 
-Use the fixtures by importing them into a test module (pytest finds fixtures there)::
+Use the fixtures by loading this module as a plugin, in a test module or the root conftest::
 
-    from tests.support.postgres import postgres_db_url, postgres_server  # noqa: F401
+    pytest_plugins = ["tests.support.postgres"]
 """
 
 from __future__ import annotations
