@@ -132,9 +132,11 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         # Never import inside a signal handler: it may interrupt that very import.
-        lifecycle = sys.modules.get(_LIFECYCLE)
-        if lifecycle is not None:
-            lifecycle.begin_shutdown()
+        # The signal may arrive while wsgi.py is still being imported: the module is
+        # then in sys.modules but half-initialised. run() calls begin_shutdown anyway.
+        begin_shutdown = getattr(sys.modules.get(_LIFECYCLE), "begin_shutdown", None)
+        if begin_shutdown is not None:
+            begin_shutdown()
 
     def run(self) -> None:
         super().run()

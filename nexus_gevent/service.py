@@ -198,6 +198,11 @@ class Service:
         assert self.wal is not None
         assert self.lock is not None
         while self.state == "ready":
+            # Wait first: workers booting beside this one must claim their own
+            # directories before anything counts as an orphan.
+            gevent.sleep(ADOPT_INTERVAL)
+            if self.state != "ready":
+                return
             try:
                 adopted = adopt_orphans(self.data_dir / WAL_DIRNAME, self.lock.path, self.wal, self._log)
                 if adopted:
@@ -205,7 +210,6 @@ class Service:
                     metrics.REPLAYED.inc(taken)
             except Exception as exc:
                 self._log.warning("wal_orphan_adoption_failed", error=str(exc))
-            gevent.sleep(ADOPT_INTERVAL)
 
     def _update_gauges(self) -> None:
         """Publish this worker's live state every GAUGE_INTERVAL; /metrics sums the workers."""

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
@@ -30,9 +30,12 @@ from nexus_gevent.destinations.postgres import (
 from nexus_gevent.destinations.sqlite import format_timestamp
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
-from tests.support.postgres import PostgresServer, free_port
 
-# The fixtures (postgres_server, postgres_db_url, managed_postgres) come from here.
+if TYPE_CHECKING:
+    from tests.support.postgres import PostgresServer
+
+# The fixtures (postgres_server, postgres_db_url, managed_postgres, dead_postgres_url) come
+# from there; it is only loaded as a plugin, so that pytest rewrites its asserts.
 pytest_plugins = ["tests.support.postgres"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,8 +179,8 @@ class TestSchema:
     def test_newer_schema_reads_as_unavailable(self, dest: PostgresDestination, postgres_db_url: str) -> None:
         """A database migrated by newer code is not written to, and no entry is blamed for it."""
         dest.probe()
-        fetch_none = f"INSERT INTO nexus_schema_version (version) VALUES ({SCHEMA_VERSION + 1}) RETURNING version"
-        fetch(postgres_db_url, fetch_none)
+        fetch(postgres_db_url, "INSERT INTO nexus_schema_version (version) VALUES (%s) RETURNING version",
+              (SCHEMA_VERSION + 1,))
         newer = PostgresDestination(DEST, postgres_db_url)
         try:
             with pytest.raises(DestinationUnavailable, match="newer"):
@@ -218,9 +221,9 @@ class TestWrite:
         dest.write([make_entry(1, payload=b'{"v":"second"}')])
         assert fetch(postgres_db_url, "SELECT payload->>'v' FROM nexus_entries") == [("first",)]
 
-    def test_empty_batch_touches_nothing(self) -> None:
+    def test_empty_batch_touches_nothing(self, dead_postgres_url: str) -> None:
         """An empty batch returns at once, even with no server to talk to."""
-        d = PostgresDestination(DEST, f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+        d = PostgresDestination(DEST, dead_postgres_url)
         try:
             d.write([])
         finally:
@@ -356,10 +359,10 @@ class TestClassifyPgError:
         assert [e.sqlstate for e in errors] == ["40P01"]
         assert isinstance(classify_pg_error(errors[0]), DestinationUnavailable)
 
-    def test_refused_connection_is_unavailable(self) -> None:
+    def test_refused_connection_is_unavailable(self, dead_postgres_url: str) -> None:
         """Nothing listening on the port (no SQLSTATE) reads as unavailable."""
         with pytest.raises(psycopg.OperationalError) as caught:
-            psycopg.connect(f"postgresql://nobody@127.0.0.1:{free_port()}/none", connect_timeout=2)
+            psycopg.connect(dead_postgres_url, connect_timeout=2)
         assert isinstance(classify_pg_error(caught.value), DestinationUnavailable)
 
     def test_missing_database_is_unavailable(self, postgres_server: PostgresServer) -> None:
@@ -413,9 +416,9 @@ class TestClassifyWithoutServer:
 
 @pytest.mark.postgres
 class TestOutage:
-    def test_server_down_at_start_does_not_fail_construction(self) -> None:
+    def test_server_down_at_start_does_not_fail_construction(self, dead_postgres_url: str) -> None:
         """Building the destination connects to nothing; the first probe and write are then unavailable."""
-        d = PostgresDestination(DEST, f"postgresql://nobody@127.0.0.1:{free_port()}/none", connect_timeout=1.0)
+        d = PostgresDestination(DEST, dead_postgres_url, connect_timeout=1.0)
         try:
             started = time.monotonic()
             with pytest.raises(DestinationUnavailable):
@@ -536,9 +539,9 @@ class TestOpenDestination:
         assert out.stdout.strip() == "False"
 
     @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
-    def test_postgres_urls_open_a_postgres_destination(self, scheme: str) -> None:
+    def test_postgres_urls_open_a_postgres_destination(self, scheme: str, dead_postgres_url: str) -> None:
         """postgresql:// and postgres:// URLs build a PostgresDestination without connecting."""
-        d = open_destination("pg", f"{scheme}://nobody@127.0.0.1:{free_port()}/none")
+        d = open_destination("pg", dead_postgres_url.replace("postgresql", scheme, 1))
         try:
             assert isinstance(d, PostgresDestination)
             assert d.name == "pg"

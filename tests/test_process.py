@@ -23,6 +23,7 @@ from tests.support.proc import (
     Writers,
     count_rows,
     exactly_once_problems,
+    has_loaded,
     post_headers,
     start_gunicorn,
     wait_delivered,
@@ -64,6 +65,12 @@ def drained_wal_dirs(server: Gunicorn) -> dict[str, bool]:
     return {str(e["wal_dir"]): bool(e["drained"]) for e in server.events("drain_finished")}
 
 
+def assert_both_workers_drained(server: Gunicorn) -> None:
+    drained = drained_wal_dirs(server)
+    assert len(drained) == 2, server.log_tail()
+    assert all(drained.values()), server.log_tail()
+
+
 def assert_exactly_once(ledger: Ledger, server: Gunicorn, *, responses_may_be_lost: bool = False) -> None:
     problems = exactly_once_problems(ledger, server.db_path, responses_may_be_lost=responses_may_be_lost)
     assert problems == [], (
@@ -73,9 +80,10 @@ def assert_exactly_once(ledger: Ledger, server: Gunicorn, *, responses_may_be_lo
 
 
 def restart_and_stop(launch: Launch, ledger: Ledger) -> Gunicorn:
-    """Start again on the same data dir, let replay deliver what was left PENDING, and SIGTERM it."""
+    """Start again on the same data dir, wait until replay delivered every ack, and SIGTERM it."""
     server = launch()
     server.wait_ready()
+    wait_delivered(server.db_path, ledger.snapshot_acked(), timeout=30)
     code, _ = server.stop(signal.SIGTERM)
     assert code == 0, server.log_tail()
     return server
@@ -97,14 +105,13 @@ class TestGracefulStop:
         writers.join()
         # Then it exits cleanly, each worker logged its drain, and every ack is stored once
         assert code == 0, server.log_tail()
-        drained = drained_wal_dirs(server)
-        assert len(drained) == 2 and all(drained.values()), server.log_tail()
+        assert_both_workers_drained(server)
         assert_exactly_once(writers.ledger, server)
         # ... and a restart finds nothing PENDING that was never acknowledged
         assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
 
     def test_sigterm_with_idle_keepalive_connections_still_drains_promptly(self, launch: Launch) -> None:
-        """SIGTERM with idle keep-alive connections open: the workers close them, drain and exit long before graceful_timeout."""
+        """SIGTERM with idle keep-alive connections open: workers close them, drain and exit before graceful_timeout."""
         # Given entries written over keep-alive connections that stay open and idle
         server = launch()
         server.wait_ready()
@@ -125,12 +132,11 @@ class TestGracefulStop:
         # Then the workers did not wait out graceful_timeout (and get SIGKILLed mid-drain)
         assert code == 0, server.log_tail()
         assert seconds < GRACEFUL_TIMEOUT / 2, f"took {seconds:.1f} s\n{server.log_tail()}"
-        drained = drained_wal_dirs(server)
-        assert len(drained) == 2 and all(drained.values()), server.log_tail()
+        assert_both_workers_drained(server)
         assert_exactly_once(ledger, server)
 
     def test_sigterm_while_a_worker_boots_is_not_lost(self, launch: Launch) -> None:
-        """SIGTERM while a replacement worker is still booting: it stops too, and the master exits long before graceful_timeout."""
+        """SIGTERM while a replacement worker is still booting: it stops and drains too, before graceful_timeout."""
         # Given two workers with delivered entries, one of which is killed
         server = launch()
         server.wait_ready()
@@ -145,9 +151,29 @@ class TestGracefulStop:
         # Then the replacement did not ignore it and wait for the master's SIGKILL
         assert code == 0, server.log_tail()
         assert seconds < GRACEFUL_TIMEOUT / 2, f"took {seconds:.1f} s\n{server.log_tail()}"
-        assert len(drained_wal_dirs(server)) == 2, server.log_tail()
+        assert_both_workers_drained(server)
         # ... and what the victim left behind is delivered by the next start, once
         assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
+
+    def test_sigterm_while_a_worker_imports_the_app_is_not_lost(self, launch: Launch) -> None:
+        """SIGTERM while a replacement worker imports wsgi.py: it boots, drains and exits, and the master exits 0."""
+        # Given two workers, one of which is killed
+        server = launch()
+        server.wait_ready()
+        survivor, victim = server.worker_pids()
+        server.kill9_worker(victim)
+        newcomer = wait_for(
+            lambda: sorted(set(server.worker_pids()) - {survivor}), 10, "a replacement worker", interval=0.002
+        )[0]
+        # When the master gets SIGTERM while the replacement imports the app (sqlite3 is
+        # loaded by that import only: the master never imports it)
+        wait_for(lambda: has_loaded(newcomer, "_sqlite3"), 10, "the app import", interval=0.001)
+        code, seconds = server.stop(signal.SIGTERM)
+        # Then the half-imported app did not turn the signal into a failed boot
+        assert "Worker failed to boot" not in server.log_text(), server.log_tail()
+        assert code == 0, server.log_tail()
+        assert seconds < GRACEFUL_TIMEOUT / 2, f"took {seconds:.1f} s\n{server.log_tail()}"
+        assert_both_workers_drained(server)
 
     def test_sigint_drains_through_the_worker_exit_backstop(self, launch: Launch) -> None:
         """SIGINT to the master (workers get SIGQUIT): worker_exit drains, and the restart delivers the rest, once."""
@@ -162,8 +188,7 @@ class TestGracefulStop:
         writers.join()
         # Then both workers drained on their way out, without a restart ...
         assert code == 0, server.log_tail()
-        drained = drained_wal_dirs(server)
-        assert len(drained) == 2 and all(drained.values()), server.log_tail()
+        assert_both_workers_drained(server)
         # ... all but the requests still in flight when the drain began (SIGQUIT does not
         # wait for them): acknowledged, they stay PENDING for the next owner of the WAL
         left = writers.ledger.acked.keys() - count_rows(server.db_path).keys()
@@ -180,8 +205,12 @@ class TestGracefulStop:
         # (gunicorn notices max_requests in a 1 s loop, so a burst alone recycles nobody)
         with Writers(server.port, threads=WRITER_THREADS) as writers:
             writers.wait_acked(500)
-            wait_for(lambda: len(server.events("drain_finished")) >= RECYCLES, 60,
-                     f"{RECYCLES} recycled workers", describe=server.log_tail)
+            wait_for(
+                lambda: len(server.events("drain_finished")) >= RECYCLES,
+                60,
+                f"{RECYCLES} recycled workers",
+                describe=server.log_tail,
+            )
         code, _ = server.stop(signal.SIGTERM)
         # Then every worker that started also drained, fully, and every ack is stored once
         assert code == 0, server.log_tail()
@@ -236,7 +265,9 @@ class TestCrash:
             # Then a new worker replays that very directory (its flock died with the victim) ...
             wait_for(
                 lambda: len([e for e in server.events("wal_replayed") if e.get("wal_dir") == wal_dir.name]) >= 2,
-                30, f"a replacement worker to replay {wal_dir.name}", describe=server.log_tail,
+                30,
+                f"a replacement worker to replay {wal_dir.name}",
+                describe=server.log_tail,
             )
             server.wait_ready(booted=3)
             # ... and writes go on through it

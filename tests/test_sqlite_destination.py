@@ -89,12 +89,6 @@ class TestOpenDestination:
         finally:
             d.close()
 
-    @pytest.mark.parametrize("url", ["postgresql://u:pw@h/db", "postgres://u:pw@h/db"])
-    def test_postgres_is_not_supported_yet(self, url: str) -> None:
-        """PostgreSQL URLs are recognised but refused with a ConfigError for now."""
-        with pytest.raises(ConfigError, match="not supported yet"):
-            open_destination("pg", url)
-
     @pytest.mark.parametrize("url", ["mysql://u:secret@h/db", "nexus.db"])
     def test_unknown_scheme_is_a_config_error_without_the_url(self, url: str) -> None:
         """An unknown scheme is a ConfigError whose message does not echo a possible password."""

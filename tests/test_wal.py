@@ -7,6 +7,8 @@ told to fail), never by mocking the WAL itself.
 
 from __future__ import annotations
 
+import zlib
+
 import errno
 import os
 import signal
@@ -33,9 +35,9 @@ from nexus_gevent.wal.log import DEFAULT_SEGMENT_BYTES, Wal
 from nexus_gevent.wal.replay import DamageReport, KeyRecord, replay_directory
 from nexus_gevent.wal.segments import list_segments, segment_path
 
-#: Offsets inside a frame header: MAGIC(4) | length(4) | crc(4) | kind(1) | body.
-LENGTH_AT = 4
-CRC_AT = 8
+#: Offsets inside a frame header: MAGIC(4) | crc(4) | length(4) | kind(1) | body.
+CRC_AT = 4
+LENGTH_AT = 8
 KIND_AT = 12
 
 #: A segment size every write exceeds, so each batch gets a segment of its own.
@@ -221,11 +223,12 @@ class TestFrameScan:
         """An empty file scans as nothing at all."""
         assert list(scan(b"")) == []
 
-    def test_a_frame_is_magic_length_crc_kind_body(self) -> None:
-        """The frame layout is MAGIC | length u32le | crc32 u32le | kind u8 | body."""
+    def test_a_frame_is_magic_crc_length_kind_body(self) -> None:
+        """The frame layout is MAGIC | crc32 u32le | length u32le | kind u8 | body, the CRC covering what follows it."""
         frame = encode(records.ENTRY, b"abc")
         assert frame[:4] == MAGIC
-        assert int.from_bytes(frame[LENGTH_AT:CRC_AT], "little") == 3
+        assert int.from_bytes(frame[CRC_AT:LENGTH_AT], "little") == zlib.crc32(frame[LENGTH_AT:])
+        assert int.from_bytes(frame[LENGTH_AT:KIND_AT], "little") == 3
         assert frame[KIND_AT] == records.ENTRY
         assert frame[HEADER_SIZE:] == b"abc"
 

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -40,7 +41,7 @@ OS_USER = "postgres"
 SERVER_TIMEOUT = 60
 #: Server settings for test speed. Durability is not under test against a private server:
 #: fsync=off keeps a test session's commits from waiting on the disk.
-FAST_SETTINGS = ("fsync=off", "full_page_writes=off", "synchronous_commit=on")
+FAST_SETTINGS = ("fsync=off", "full_page_writes=off")
 _DBNAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 
@@ -48,7 +49,7 @@ class PostgresUnavailable(Exception):
     """No PostgreSQL can be had for tests; the message says why."""
 
 
-def skip_or_fail(reason: str) -> None:
+def skip_or_fail(reason: str) -> NoReturn:
     """Skip the test, or fail it when the environment requires every service."""
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
@@ -242,12 +243,10 @@ def _session_server() -> Iterator[PostgresServer]:
     bin_dir = find_bin_dir()
     if bin_dir is None:
         skip_or_fail(f"no PostgreSQL: set {URL_ENV}, or install the server (initdb, pg_ctl)")
-        return
     try:
         server = PostgresServer.private(bin_dir)
     except PostgresUnavailable as exc:
         skip_or_fail(f"cannot start a private PostgreSQL: {exc}")
-        return
     try:
         yield server
     finally:
@@ -277,6 +276,12 @@ def postgres_db_url(postgres_server: PostgresServer) -> Iterator[str]:
         # a database that cannot be dropped now is dropped with the private cluster.
         with contextlib.suppress(Exception):
             postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def dead_postgres_url() -> str:
+    """A postgresql:// URL of 127.0.0.1 where nothing listens: connections are refused."""
+    return f"postgresql://nobody@127.0.0.1:{free_port()}/none"
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
 HOST = "127.0.0.1"
-TOKEN = "process-test-source-token"
-ADMIN_TOKEN = "process-test-admin-token"
+TOKEN = "process-test-source-token"  # noqa: S105 - a test token, passed to the service
+ADMIN_TOKEN = "process-test-admin-token"  # noqa: S105 - a test token, passed to the service
 SOURCE = "default"
 #: Small, so that a drain that hangs shows up within a test's budget; gunicorn.conf.py
 #: derives graceful_timeout and the heartbeat timeout from it (+10 s each).
@@ -54,8 +54,12 @@ def free_port() -> int:
 
 
 def wait_for(
-    condition: Callable[[], T], timeout: float, what: str, *,
-    describe: Callable[[], str] | None = None, interval: float = POLL_INTERVAL,
+    condition: Callable[[], T],
+    timeout: float,
+    what: str,
+    *,
+    describe: Callable[[], str] | None = None,
+    interval: float = POLL_INTERVAL,
 ) -> T:
     """Poll `condition` until it returns something truthy and return that; ProcessTestError at the deadline."""
     deadline = time.monotonic() + timeout
@@ -86,6 +90,14 @@ def is_alive(pid: int) -> bool:
         return False
     # The state follows the command name, which is in parentheses and may hold spaces.
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def has_loaded(pid: int, library: str) -> bool:
+    """True once `pid` has mapped a shared object whose path contains `library` (e.g. "_sqlite3")."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
 
 
 def service_env(data_dir: Path, port: int, workers: int, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -275,8 +287,13 @@ def start_gunicorn(
 
 
 def request(
-    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-    *, timeout: float = 10.0,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    timeout: float = 10.0,
 ) -> tuple[int, bytes]:
     """One request on a fresh connection; (status, body)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
@@ -316,11 +333,12 @@ class Ledger:
 
     def record_response(self, n: int, status: int, body: bytes) -> None:
         try:
-            data = json.loads(body)
+            parsed = json.loads(body)
         except ValueError:
-            data = {}
-        payload_id = data.get("payload_id") if isinstance(data, dict) else None
-        label = str(status) if status in (200, 202) else f"{status}:{data.get('error') if isinstance(data, dict) else '?'}"
+            parsed = None
+        data: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        payload_id = data.get("payload_id")
+        label = str(status) if status in (200, 202) else f"{status}:{data.get('error', '?')}"
         with self.lock:
             self.outcomes[label] += 1
             self.outcome_of[n] = label
@@ -354,8 +372,9 @@ class Writers:
     marker is sent at most once and a stored row can be traced to exactly one request.
     """
 
-    def __init__(self, port: int, *, threads: int = 8, total: int | None = None, ledger: Ledger | None = None,
-                 first: int = 0) -> None:
+    def __init__(
+        self, port: int, *, threads: int = 8, total: int | None = None, ledger: Ledger | None = None, first: int = 0
+    ) -> None:
         self.port = port
         self.total = total
         self.ledger = ledger if ledger is not None else Ledger()
@@ -390,8 +409,12 @@ class Writers:
         self._pool.shutdown(wait=True)
 
     def wait_acked(self, count: int, timeout: float = 30.0) -> None:
-        wait_for(lambda: self.ledger.acked_count >= count, timeout, f"{count} acknowledged writes",
-                 describe=lambda: f"outcomes so far: {dict(self.ledger.outcomes)}")
+        wait_for(
+            lambda: self.ledger.acked_count >= count,
+            timeout,
+            f"{count} acknowledged writes",
+            describe=lambda: f"outcomes so far: {dict(self.ledger.outcomes)}",
+        )
 
     def _next(self) -> int | None:
         with self._numbers_lock:
@@ -448,7 +471,8 @@ def _read(db_path: Path, sql: str) -> list[tuple[Any, ...]]:
 
 def count_rows(db_path: Path) -> dict[str, int]:
     """payload_id -> number of rows in `nexus_entries` (SELECT payload_id, count(*) GROUP BY payload_id)."""
-    return {str(pid): int(n) for pid, n in _read(db_path, "SELECT payload_id, count(*) FROM nexus_entries GROUP BY payload_id")}
+    rows = _read(db_path, "SELECT payload_id, count(*) FROM nexus_entries GROUP BY payload_id")
+    return {str(payload_id): int(n) for payload_id, n in rows}
 
 
 def stored_markers(db_path: Path) -> list[tuple[str, int | None]]:
@@ -470,8 +494,12 @@ def wait_delivered(db_path: Path, payload_ids: Iterable[str], timeout: float = 6
     def missing() -> set[str]:
         return wanted - count_rows(db_path).keys()
 
-    wait_for(lambda: not missing(), timeout, f"{len(wanted)} acknowledged entries in {db_path.name}",
-             describe=lambda: f"still missing: {len(missing())}")
+    wait_for(
+        lambda: not missing(),
+        timeout,
+        f"{len(wanted)} acknowledged entries in {db_path.name}",
+        describe=lambda: f"still missing: {len(missing())}",
+    )
 
 
 def exactly_once_problems(ledger: Ledger, db_path: Path, *, responses_may_be_lost: bool) -> list[str]:
@@ -489,21 +517,25 @@ def exactly_once_problems(ledger: Ledger, db_path: Path, *, responses_may_be_los
         rows = counts.get(payload_id, 0)
         if rows != 1:
             problems.append(f"acknowledged {payload_id} (n={n}) has {rows} rows")
-    problems.extend(f"{pid} has {rows} rows" for pid, rows in sorted(counts.items()) if rows > 1 and pid not in ledger.acked)
+    problems.extend(
+        f"{payload_id} has {rows} rows"
+        for payload_id, rows in sorted(counts.items())
+        if rows > 1 and payload_id not in ledger.acked
+    )
     seen: dict[int, str] = {}
-    for payload_id, n in stored_markers(db_path):
-        if n is None or n not in ledger.sent:
-            problems.append(f"row {payload_id} holds n={n}, which the client never sent")
+    for payload_id, marker in stored_markers(db_path):
+        if marker is None or marker not in ledger.sent:
+            problems.append(f"row {payload_id} holds n={marker}, which the client never sent")
             continue
-        if n in seen:
-            problems.append(f"n={n} is stored twice: {seen[n]} and {payload_id}")
-        seen[n] = payload_id
+        if marker in seen:
+            problems.append(f"n={marker} is stored twice: {seen[marker]} and {payload_id}")
+        seen[marker] = payload_id
         told = ledger.answered.get(payload_id)
-        if told is not None and told != n:
-            problems.append(f"row {payload_id} holds n={n}, but the client was given that id for n={told}")
-        elif told is None and not (responses_may_be_lost and n in ledger.lost):
+        if told is not None and told != marker:
+            problems.append(f"row {payload_id} holds n={marker}, but the client was given that id for n={told}")
+        elif told is None and not (responses_may_be_lost and marker in ledger.lost):
             problems.append(
-                f"row {payload_id} (n={n}) was stored, but its request was never acknowledged: "
-                f"{ledger.outcome_of.get(n, 'no outcome recorded')}"
+                f"row {payload_id} (n={marker}) was stored, but its request was never acknowledged: "
+                f"{ledger.outcome_of.get(marker, 'no outcome recorded')}"
             )
     return problems
