@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -24,9 +24,12 @@ def new_payload_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One accepted write. `payload` is the client's JSON object, as UTF-8 JSON text."""
+class Entry(NamedTuple):
+    """One accepted write. `payload` is the client's JSON object, as UTF-8 JSON text.
+
+    A named tuple rather than a frozen dataclass: replay builds one per WAL record,
+    and a tuple is built several times faster, while staying immutable.
+    """
 
     payload_id: str
     source: str

@@ -463,14 +463,21 @@ class TestReplay:
         assert list(result.pending) == [e1.payload_id, e0.payload_id]
         assert result.pending[e0.payload_id] == (e0, 1)
 
-    def test_idempotency_keys_are_collected_for_the_index(self, wal_dir: Path) -> None:
-        """Every entry record with an idempotency key yields a KeyRecord, settled or not."""
-        keyed, plain = make_entry(0, key="k0"), make_entry(1)
-        write_segment(wal_dir, 0, entry_frame(keyed), entry_frame(plain), mark_frame(records.DELIVERED, keyed))
+    def test_idempotency_keys_of_pending_entries_are_collected_for_the_index(self, wal_dir: Path) -> None:
+        """Every pending entry with an idempotency key yields a KeyRecord; a settled one's key was claimed long ago."""
+        settled, keyed, plain = make_entry(0, key="k0"), make_entry(1, key="k1"), make_entry(2)
+        write_segment(
+            wal_dir,
+            0,
+            entry_frame(settled),
+            entry_frame(keyed),
+            entry_frame(plain),
+            mark_frame(records.DELIVERED, settled),
+        )
 
         result = replay_directory(wal_dir)
 
-        assert result.keys == [KeyRecord("web", "k0", keyed.payload_id, keyed.received_at)]
+        assert result.keys == [KeyRecord("web", "k1", keyed.payload_id, keyed.received_at)]
 
     def test_a_corrupt_middle_record_is_skipped_counted_and_the_rest_still_counts(self, wal_dir: Path) -> None:
         """A corrupt record costs only itself: it is reported with file and offset, and later records still apply."""

@@ -68,8 +68,9 @@ _WRITE_LOCK_KEY = 0x6E65787573_0002
 # write transaction first takes one advisory lock (`_WRITE_LOCK_KEY`) and draws its seq
 # values under it. The lock is released only after the commit is visible, so every seq
 # drawn later belongs to a transaction that commits later. The cost is that writers to
-# one database take turns, holding the lock for the INSERT and the COMMIT: about 1-2 ms
-# per batch of hundreds of rows here, far above what one node's HTTP side can accept.
+# one database take turns, holding the lock for the INSERT and the COMMIT of one batch
+# (about 5 ms for 256 rows here, so some 50k rows/s for all writers together): well
+# above what the HTTP side of a node accepts, and the price of a cursor that never skips.
 # The other ways out (exposing only rows below the oldest in-flight seq, or ordering by
 # commit timestamps) need server settings or extensions we cannot assume.
 #
@@ -109,8 +110,8 @@ _VERSION_TABLE = """
 """
 
 # One statement for the whole batch: six arrays, zipped by unnest, in one round trip.
-# Measured on one connection, 100k rows in batches of 256: about 40-55k rows/s, against
-# 20-28k for executemany (which psycopg pipelines) and 40-45k for a COPY per batch
+# Measured on one connection, 100k rows in batches of 256: about 45-57k rows/s, against
+# 25-37k for executemany (which psycopg pipelines) and 46-61k for a COPY per batch
 # (COPY cannot skip a known payload_id). The arrays go in binary (%b): in text format
 # psycopg escapes every quote of every JSON payload in Python, which tripled the client's
 # CPU per row. The payload travels as text and the server parses it into jsonb.

@@ -61,40 +61,45 @@ def replay_directory(directory: Path, progress: Progress | None = None, *, below
     started = time.monotonic()
     result = ReplayResult()
     pending = result.pending
+    counts = result.counts
+    decode_entry, decode_ids = records.decode_entry, records.decode_ids
     segs = [(n, p) for n, p in list_segments(directory) if below is None or n < below]
+    # The loop body is inlined on purpose: it runs once per record at startup.
     for done, (number, path) in enumerate(segs):
         result.segments.append(number)
         for item in read_segment(path):
-            if isinstance(item, Damage):
+            if type(item) is Damage:
                 result.damage.append(DamageReport(path, item.offset, item.length, item.reason))
                 continue
+            kind, body = item.kind, item.body  # type: ignore[union-attr]
             try:
-                _apply(result, pending, number, item.kind, item.body)
+                if kind == records.ENTRY:
+                    entry = decode_entry(body)
+                    # Re-insert so a revived entry takes its new place in WAL order.
+                    if pending.pop(entry.payload_id, None) is not None:
+                        counts["revived"] += 1
+                    pending[entry.payload_id] = (entry, number)
+                    counts["entry"] += 1
+                elif kind in records.SETTLING_KINDS:
+                    ids = decode_ids(body)
+                    for settled in ids:
+                        pending.pop(settled, None)
+                    counts[records.KIND_NAMES[kind]] += len(ids)
+                else:
+                    raise ValueError(f"unknown record kind {kind}")
             except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
                 # An intact frame whose body we cannot read: skip it like damage.
-                result.damage.append(DamageReport(path, item.offset, len(item.body), f"undecodable: {exc}"))
+                result.damage.append(DamageReport(path, item.offset, len(body), f"undecodable: {exc}"))
                 continue
             result.records += 1
         if progress is not None:
             progress(result.records, done + 1, len(segs))
+    # Only pending entries' keys matter: a settled entry's key was claimed when it
+    # was written, before its client got an answer.
+    result.keys = [
+        KeyRecord(e.source, e.idempotency_key, e.payload_id, e.received_at)
+        for e, _n in pending.values()
+        if e.idempotency_key is not None
+    ]
     result.seconds = time.monotonic() - started
     return result
-
-
-def _apply(result: ReplayResult, pending: dict[str, tuple[Entry, int]], segment: int, kind: int, body: bytes) -> None:
-    if kind == records.ENTRY:
-        entry = records.decode_entry(body)
-        # Re-insert so a revived entry takes its new place in WAL order.
-        pending.pop(entry.payload_id, None)
-        pending[entry.payload_id] = (entry, segment)
-        if entry.idempotency_key is not None:
-            result.keys.append(KeyRecord(entry.source, entry.idempotency_key, entry.payload_id, entry.received_at))
-        result.counts["entry"] += 1
-        return
-    if kind in records.SETTLING_KINDS:
-        ids = records.decode_ids(body)
-        for payload_id in ids:
-            pending.pop(payload_id, None)
-        result.counts[records.KIND_NAMES[kind]] += len(ids)
-        return
-    raise ValueError(f"unknown record kind {kind}")
