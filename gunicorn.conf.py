@@ -62,4 +62,4 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
     """Drop a dead worker's live gauges (queue depth, WAL pending) from /metrics."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -141,7 +141,8 @@ def wrk(
     statuses = {int(k): v for k, v in json.loads(re.search(r"STATUSES (\{.*\})", out).group(1)).items()}  # type: ignore[union-attr]
     lat = re.search(r"LATENCY_US p50=(\d+) p99=(\d+) max=(\d+)", out)
     total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
-    assert lat is not None and total is not None, out
+    assert lat is not None, out
+    assert total is not None, out
     secs = float(total.group(2)) * (0.001 if total.group(3) == "ms" else 1.0)
     return WrkResult(
         secs,

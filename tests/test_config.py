@@ -1,7 +1,6 @@
 """Settings: defaults, environment over TOML, validation, and generated secrets."""
 
 # The tokens here are test fixtures, not credentials.
-# ruff: noqa: S105, S106
 
 from __future__ import annotations
 

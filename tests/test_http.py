@@ -8,7 +8,6 @@ deadline (`wait_until` yields between looks).
 """
 
 # The tokens here are test fixtures, not credentials.
-# ruff: noqa: S105, S106
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Logging: JSON lines, redaction, stdlib and gunicorn routing, level filtering."""
 
 # The tokens here are test fixtures, not credentials.
-# ruff: noqa: S105, S106
 
 from __future__ import annotations
 

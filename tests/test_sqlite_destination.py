@@ -436,10 +436,11 @@ class TestQuery:
             other.close()
 
     @pytest.mark.parametrize(
-        "cursor", ["", "!!!", "not a cursor", encode_cursor(5) + "$", "c2VxOi0x", "eHl6OjE", "c2VxOg", encode_cursor(2**63)]
+        "cursor",
+        ["", "!!!", "not a cursor", encode_cursor(5) + "$", "c2VxOi0x", "eHl6OjE", "c2VxOg", encode_cursor(2**63)],
     )
     def test_a_malformed_cursor_raises_value_error(self, dest: SQLiteDestination, cursor: str) -> None:
-        """Cursors not made by this destination (bad base64, wrong prefix, negative, empty, overflowing) raise ValueError."""
+        """Cursors not made by this destination (bad base64, wrong prefix, negative, empty, huge) raise ValueError."""
         with pytest.raises(ValueError):
             dest.query(after=cursor)
 

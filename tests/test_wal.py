@@ -7,8 +7,6 @@ told to fail), never by mocking the WAL itself.
 
 from __future__ import annotations
 
-import zlib
-
 import errno
 import os
 import signal
@@ -16,6 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -57,7 +57,7 @@ def _why_not(buf: bytes, pos: int) -> str:
     end = len(buf)
     if pos + HEADER_SIZE > end:
         return "torn header"
-    magic, crc, length = _HEADER.unpack_from(buf, pos)
+    magic, _crc, length = _HEADER.unpack_from(buf, pos)
     if magic != MAGIC:
         return "bad magic"
     if length > MAX_BODY:

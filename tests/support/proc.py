@@ -31,8 +31,8 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
 HOST = "127.0.0.1"
-TOKEN = "process-test-source-token"  # noqa: S105 - a test token, passed to the service
-ADMIN_TOKEN = "process-test-admin-token"  # noqa: S105 - a test token, passed to the service
+TOKEN = "process-test-source-token"
+ADMIN_TOKEN = "process-test-admin-token"
 SOURCE = "default"
 #: Small, so that a drain that hangs shows up within a test's budget; gunicorn.conf.py
 #: derives graceful_timeout and the heartbeat timeout from it (+10 s each).
