@@ -10,6 +10,7 @@ import _socket
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import gevent
@@ -22,9 +23,13 @@ DRAIN_MARGIN_SECONDS = 5.0
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
 
-def drain_budget(drain_timeout: float, graceful_timeout: float) -> float:
-    """The drain's timeout: as configured, but always inside gunicorn's graceful_timeout."""
-    return max(0.0, min(drain_timeout, graceful_timeout - DRAIN_MARGIN_SECONDS))
+def drain_budget(drain_timeout: float, graceful_timeout: float, spent: float = 0.0) -> float:
+    """The drain's timeout: as configured, but always inside gunicorn's graceful_timeout.
+
+    `spent` is the time since the stop signal (finishing open requests): the master's
+    SIGKILL deadline counts from the signal, not from the start of the drain.
+    """
+    return max(0.0, min(drain_timeout, graceful_timeout - DRAIN_MARGIN_SECONDS - spent))
 
 
 class _IdleWait:
@@ -85,6 +90,8 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
         self._connections: dict[Any, Any] = {}
         #: Greenlets waiting for a connection's next request (none is inside a request).
         self._idle: set[Any] = set()
+        #: When the first stop signal arrived (monotonic), for the drain's budget.
+        self._stop_signalled_at: float | None = None
 
     def init_process(self) -> None:
         """Hold the stop signals back until this worker's own handlers are installed.
@@ -130,6 +137,8 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
                     _shut_down(sock)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._stop_signalled_at is None:
+            self._stop_signalled_at = time.monotonic()
         super().handle_exit(sig, frame)
         # Never import inside a signal handler: it may interrupt that very import.
         # The signal may arrive while wsgi.py is still being imported: the module is
@@ -147,5 +156,7 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
         if service is None:
             return
         lifecycle.begin_shutdown()
-        budget = drain_budget(service.settings.drain_timeout, self.cfg.graceful_timeout)
+        signalled = self._stop_signalled_at
+        spent = 0.0 if signalled is None else time.monotonic() - signalled
+        budget = drain_budget(service.settings.drain_timeout, self.cfg.graceful_timeout, spent)
         lifecycle.shutdown(budget, heartbeat=self.notify)

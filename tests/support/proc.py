@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +283,29 @@ def start_gunicorn(
     return server
 
 
+class Launcher:
+    """Starts gunicorns (one log file each) for one test, and kills every one of them at `cleanup`.
+
+    Without `data_dir`, each start uses `base/data`, so a restart finds the WAL the last one left.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self._base = base
+        self._numbers = itertools.count()
+        self.started: list[Gunicorn] = []
+
+    def __call__(
+        self, *, workers: int = 2, env: dict[str, str] | None = None, data_dir: Path | None = None
+    ) -> Gunicorn:
+        log_path = self._base / f"gunicorn-{next(self._numbers)}.log"
+        data = self._base / "data" if data_dir is None else data_dir
+        return start_gunicorn(data, log_path, workers=workers, env=env, registry=self.started)
+
+    def cleanup(self) -> None:
+        for server in self.started:
+            server.cleanup()
+
+
 # -- HTTP ------------------------------------------------------------------------
 
 
@@ -307,6 +330,45 @@ def request(
 
 def post_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@dataclass(frozen=True)
+class Response:
+    """A whole response: status, headers (names lowercased) and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def exchange(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    conn: http.client.HTTPConnection | None = None,
+    timeout: float = 10.0,
+) -> Response:
+    """One request, on `conn` (kept open) or on a fresh connection (closed); the whole response."""
+    own = conn is None
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout) if conn is None else conn
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        data = response.read()
+        return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        if own:
+            connection.close()
 
 
 @dataclass
@@ -511,8 +573,24 @@ def exactly_once_problems(ledger: Ledger, db_path: Path, *, responses_may_be_los
     - a row whose payload_id the client never saw is allowed only for a request whose
       response was lost (`responses_may_be_lost`: the process was killed mid-request).
     """
+    return row_problems(
+        ledger, count_rows(db_path), stored_markers(db_path), responses_may_be_lost=responses_may_be_lost
+    )
+
+
+def row_problems(
+    ledger: Ledger,
+    counts: dict[str, int],
+    markers: Iterable[tuple[str, int | None]],
+    *,
+    responses_may_be_lost: bool,
+) -> list[str]:
+    """`exactly_once_problems` for rows read from any destination.
+
+    `counts` is payload_id -> number of rows; `markers` holds (payload_id, the body's "n")
+    of every row.
+    """
     problems: list[str] = []
-    counts = count_rows(db_path)
     for payload_id, n in sorted(ledger.acked.items(), key=lambda kv: kv[1]):
         rows = counts.get(payload_id, 0)
         if rows != 1:
@@ -523,7 +601,7 @@ def exactly_once_problems(ledger: Ledger, db_path: Path, *, responses_may_be_los
         if rows > 1 and payload_id not in ledger.acked
     )
     seen: dict[int, str] = {}
-    for payload_id, marker in stored_markers(db_path):
+    for payload_id, marker in markers:
         if marker is None or marker not in ledger.sent:
             problems.append(f"row {payload_id} holds n={marker}, which the client never sent")
             continue
@@ -539,3 +617,57 @@ def exactly_once_problems(ledger: Ledger, db_path: Path, *, responses_may_be_los
                 f"{ledger.outcome_of.get(marker, 'no outcome recorded')}"
             )
     return problems
+
+
+# -- holding the SQLite destination ---------------------------------------------------
+
+
+def wait_table(db_path: Path, timeout: float = 10.0) -> None:
+    """Wait until the service has created `nexus_entries` in `db_path` (its start-up probe does)."""
+
+    def exists() -> bool:
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'nexus_entries'"
+        return bool(_read(db_path, sql))
+
+    wait_for(exists, timeout, f"nexus_entries in {db_path}")
+
+
+@contextlib.contextmanager
+def destination_locked(db_path: Path) -> Iterator[sqlite3.Connection]:
+    """Hold SQLite's write lock on the destination (BEGIN EXCLUSIVE) until the block ends.
+
+    The service's writes then wait out their busy timeout and fail with "database is
+    locked": the destination reads as unavailable and delivery pauses, without using
+    up any entry's attempts. Readers (`count_rows`) still work, the file is in WAL mode.
+    """
+    conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        yield conn
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+# -- /metrics ----------------------------------------------------------------------------
+
+
+def scrape(port: int, *, timeout: float = 10.0) -> str:
+    """The Prometheus text of /metrics, read with the admin token."""
+    response = exchange(port, "GET", "/metrics", headers=admin_headers(), timeout=timeout)
+    if response.status != 200:
+        raise ProcessTestError(f"/metrics answered {response.status}: {response.body[:300]!r}")
+    return response.body.decode()
+
+
+def metric_sum(text: str, sample: str, **labels: str) -> float:
+    """The sum of every sample named `sample` (e.g. "nexus_writes_accepted_total") whose labels match `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
