@@ -156,3 +156,38 @@ def wrk(
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def nginx(backend_ports: list[int], workdir: Path) -> Iterator[int]:
+    """deploy/nginx.conf, rendered for loopback ports and a private prefix; yields its port."""
+    port = free_port()
+    text = (ROOT / "deploy" / "nginx.conf").read_text()
+    servers = "".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n" for p in backend_ports)
+    text = re.sub(r"        server 127\.0\.0\.1:8000[^\n]*\n", servers, text)
+    text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    text = text.replace("pid /run/nexus-nginx.pid;", f"pid {workdir}/nginx.pid;")
+    temp = "".join(
+        f"    {name}_temp_path {workdir}/{name};\n" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    text = text.replace("http {\n", "http {\n" + temp, 1)
+    if os.geteuid() == 0:
+        text = "user root;\n" + text
+    conf = workdir / "nginx.conf"
+    conf.write_text(text)
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", time.monotonic() + 30)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
