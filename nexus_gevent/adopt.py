@@ -9,6 +9,7 @@ idempotent write on payload_id makes the second delivery harmless.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,11 @@ def adopt_orphans(root: Path, own: Path, wal: Wal, logger: Any) -> list[Entry]:
             adopted.extend(entries)
             logger.info("wal_orphan_adopted", orphan=str(path), entries=len(entries), damaged=len(result.damage))
         finally:
+            # try_lock wrote this worker's pid into the orphan's LOCK. It only borrowed the
+            # directory: leave LOCK naming no one, or /admin/status would report the orphan
+            # as held by a live worker.
+            with contextlib.suppress(OSError):
+                os.ftruncate(lock.fd, 0)
             lock.close()
     return adopted
 

@@ -116,7 +116,7 @@ class Service:
         self.state = "replaying"
         self._replayer = gevent.spawn(self._replay)
         self._gauges = gevent.spawn(self._update_gauges)
-        self._log.info("worker_started", wal_dir=str(self.lock.path), destinations=sorted(self.lanes))
+        self._log.info("worker_started", wal_path=str(self.lock.path), destinations=sorted(self.lanes))
 
     def _refiller(self, destination: str) -> Callable[[int], list[Entry]]:
         def refill(limit: int) -> list[Entry]:

@@ -23,6 +23,7 @@ from tests.support.proc import (
     Ledger,
     Response,
     Writers,
+    admin_headers,
     count_rows,
     exactly_once_problems,
     exchange,
@@ -111,7 +112,7 @@ class TestThroughNginx:
     def test_writes_through_nginx_are_accepted_and_keep_the_client_request_id(
         self, launch: Launcher, nginx: LaunchNginx
     ) -> None:
-        """A write through nginx gets 202 with a payload_id, and the client's X-Request-Id reaches the service and comes back."""
+        """A write through nginx gets 202 and a payload_id; the client's X-Request-Id reaches the service and back."""
         # Given two workers behind nginx
         server = ready(launch())
         proxy = nginx([server.port])
@@ -204,7 +205,7 @@ class TestLoadSheddingThroughNginx:
     def test_every_durable_429_is_delivered_exactly_once_without_a_restart(
         self, launch: Launcher, nginx: LaunchNginx
     ) -> None:
-        """Every payload_id answered 429 (durable policy) reaches the destination once after the lock is released, with no restart."""
+        """Every durable 429's payload_id reaches the destination exactly once when it is back, with no restart."""
         # Given two workers with tiny queues behind nginx, and a destination that is locked
         server = ready(launch(env=SMALL_QUEUE))
         proxy = nginx([server.port])
@@ -252,14 +253,13 @@ class TestLoadSheddingThroughNginx:
     def test_reject_policy_answers_429_without_payload_id_and_never_stores_the_rejected_bodies(
         self, launch: Launcher, nginx: LaunchNginx
     ) -> None:
-        """NEXUS_SHED_POLICY=reject: a full queue's 429 carries no payload_id, and those bodies never reach the destination."""
+        """Under NEXUS_SHED_POLICY=reject a 429 carries no payload_id, and its body never reaches the destination."""
         # Given two workers with tiny queues under the reject policy, behind nginx, destination locked
         server = ready(launch(env={**SMALL_QUEUE, "NEXUS_SHED_POLICY": "reject"}))
         proxy = nginx([server.port])
-        with locked(server.db_path):
-            # When four threads write 60 entries
-            with Writers(proxy.port, threads=4, total=LOCKED_WRITES) as writers:
-                writers.join()
+        # When four threads write 60 entries
+        with locked(server.db_path), Writers(proxy.port, threads=4, total=LOCKED_WRITES) as writers:
+            writers.join()
         ledger = writers.ledger
         rejected = {n for n, outcome in ledger.outcome_of.items() if outcome == "429:queue_full"}
         # Then some got 429, none of them with a payload_id
@@ -284,7 +284,7 @@ class TestScaling:
     """Fewer workers than WAL directories, and two instances behind one nginx."""
 
     def test_scale_down_from_four_workers_to_one_delivers_every_ack_exactly_once(self, launch: Launcher) -> None:
-        """kill -9 of 4 workers and their master, restart with WEB_CONCURRENCY=1: it adopts w1..w3 and delivers every ack once."""
+        """kill -9 of 4 workers, restart with WEB_CONCURRENCY=1: w1..w3 are adopted and every ack stored once."""
         # Given four workers under continuous writes
         first = ready(launch(workers=4))
         writers = Writers(first.port, threads=8)
@@ -307,9 +307,17 @@ class TestScaling:
             "w1..w3 to be adopted",
             describe=second.log_tail,
         )
+        assert sum(int(e["entries"]) for e in second.events("wal_orphan_adopted")) > 0, second.log_tail()
         # ... delivers every acknowledged entry
         wait_delivered(second.db_path, writers.ledger.snapshot_acked(), timeout=ADOPTION_DEADLINE)
         assert [Path(e["wal_dir"]).name for e in second.events("worker_started")] == ["w0"]
+        # ... and /admin/status shows w0 held by the one live worker, the emptied orphans held by no one
+        status = exchange(second.port, "GET", "/admin/status", headers=admin_headers()).json()
+        held = {d["directory"]: (d["pid"], d["alive"]) for d in status["workers"]}
+        assert held == {
+            "w0": (status["worker"]["pid"], True),
+            **{orphan: (None, False) for orphan in ("w1", "w2", "w3")},
+        }, status["workers"]
         code, _ = second.stop(signal.SIGTERM)
         assert code == 0, second.log_tail()
         # ... exactly once; rows without an ack are only requests whose response the kill lost
@@ -322,7 +330,7 @@ class TestScaling:
     def test_scale_out_two_instances_behind_one_nginx_store_every_ack_once_in_postgres(
         self, launch: Launcher, nginx: LaunchNginx, postgres_db_url: str, tmp_path: Path
     ) -> None:
-        """Two instances (own data dirs and ports) behind one nginx upstream, one PostgreSQL: both take writes, every ack is one row."""
+        """Two instances behind one nginx upstream, one PostgreSQL: both take writes, every ack is one row."""
         # Given two service instances sharing one PostgreSQL database, behind one nginx upstream
         env = {"NEXUS_DESTINATION_URL": postgres_db_url}
         instances = [launch(env=env, data_dir=tmp_path / name) for name in ("a", "b")]

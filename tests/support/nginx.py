@@ -168,9 +168,7 @@ def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: in
         (prefix / "temp" / name).mkdir(parents=True, exist_ok=True)
     conf_path = prefix / "nginx.conf"
     conf_path.write_text(
-        render_config(
-            SHIPPED_CONF.read_text(), port=port, backends=backends, prefix=prefix, as_root=os.geteuid() == 0
-        )
+        render_config(SHIPPED_CONF.read_text(), port=port, backends=backends, prefix=prefix, as_root=os.geteuid() == 0)
     )
     log_path = prefix / "nginx.log"
     with log_path.open("ab") as log:
