@@ -90,6 +90,8 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
         self._connections: dict[Any, Any] = {}
         #: Greenlets waiting for a connection's next request (none is inside a request).
         self._idle: set[Any] = set()
+        #: Greenlets whose connection notify() shut down: they must not run a request.
+        self._closed: set[Any] = set()
         #: When the first stop signal arrived (monotonic), for the drain's budget.
         self._stop_signalled_at: float | None = None
 
@@ -117,6 +119,7 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
             super().handle(listener, client, addr)
         finally:
             self._connections.pop(me, None)
+            self._closed.discard(me)
 
     def timeout_ctx(self) -> _IdleWait:
         return _IdleWait(self._idle, super().timeout_ctx())
@@ -134,7 +137,20 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
             for greenlet in list(self._idle):
                 sock = self._connections.get(greenlet)
                 if sock is not None:
+                    self._closed.add(greenlet)
                     _shut_down(sock)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        """Run a request, unless its connection was shut down for the stop.
+
+        A request already in the socket's buffer when the connection was shut down can
+        still be read; answered, its response could not be sent, so its client would
+        not know the entry was stored, and would retry it. Not running it means the
+        client's retry is the only copy.
+        """
+        if gevent.getcurrent() in self._closed:
+            return False
+        return bool(super().handle_request(listener_name, req, sock, addr))
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self._stop_signalled_at is None:
