@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 import orjson
 from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-ignore]
 
+from .._sqlite import create_private_file
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
 
@@ -305,7 +306,10 @@ class SQLiteDestination:
     def _probe_in_thread(self) -> None:
         conn = self._connection()
         try:
-            conn.execute("SELECT 1").fetchone()
+            # A write lock, not a read: SELECT succeeds while another connection holds
+            # the database locked, and delivery would flap between probe and write.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise DestinationUnavailable(f"sqlite: probe failed: {exc}") from exc
 
@@ -372,7 +376,8 @@ def _capture(fn: Callable[..., _T], args: tuple[object, ...]) -> tuple[_T | None
 
 
 def _open(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    create_private_file(Path(path))
     # isolation_level=None: the module opens no transactions of its own; this code
     # issues BEGIN IMMEDIATE / COMMIT itself.
     conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
