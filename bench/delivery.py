@@ -52,6 +52,7 @@ from typing import Any
 import orjson
 
 from nexus_gevent.destinations import sqlite as sqlite_dest
+from nexus_gevent.destinations._paging import format_timestamp
 from nexus_gevent.entry import Entry
 from nexus_gevent.logs import configure_logging, get_logger
 from nexus_gevent.service import WAL_DIRNAME
@@ -254,7 +255,7 @@ def sqlite_raw(entries: Sequence[Entry], workdir: Path) -> dict[str, float]:
         started = time.perf_counter()
         for chunk in chunks(entries, BATCH):
             conn.execute("BEGIN IMMEDIATE")
-            delivered_at = sqlite_dest.format_timestamp(time.time())
+            delivered_at = format_timestamp(time.time())
             conn.executemany(
                 sqlite_dest._INSERT,
                 [
@@ -264,7 +265,7 @@ def sqlite_raw(entries: Sequence[Entry], workdir: Path) -> dict[str, float]:
                         DESTINATION,
                         e.subject,
                         e.idempotency_key,
-                        sqlite_dest.format_timestamp(e.received_at),
+                        format_timestamp(e.received_at),
                         e.payload.decode("utf-8"),
                         delivered_at,
                     )

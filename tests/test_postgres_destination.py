@@ -21,13 +21,13 @@ import psycopg_pool
 import pytest
 
 from nexus_gevent.destinations import open_destination
+from nexus_gevent.destinations._paging import format_timestamp
 from nexus_gevent.destinations.postgres import (
     _WRITE_LOCK_KEY,
     SCHEMA_VERSION,
     PostgresDestination,
     classify_pg_error,
 )
-from nexus_gevent.destinations.sqlite import format_timestamp
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
 

@@ -13,13 +13,8 @@ import orjson
 import pytest
 
 from nexus_gevent.destinations import open_destination, sqlite_path
-from nexus_gevent.destinations.sqlite import (
-    SCHEMA_VERSION,
-    SQLiteDestination,
-    classify_sqlite_error,
-    decode_cursor,
-    encode_cursor,
-)
+from nexus_gevent.destinations._paging import decode_cursor, encode_cursor
+from nexus_gevent.destinations.sqlite import SCHEMA_VERSION, SQLiteDestination, classify_sqlite_error
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
 
@@ -71,9 +66,7 @@ class TestOpenDestination:
         """sqlite:////abs/x.db names /abs/x.db."""
         assert sqlite_path("sqlite:////abs/x.db") == "/abs/x.db"
 
-    @pytest.mark.parametrize(
-        "url", ["sqlite:///", "sqlite://host/x.db", "sqlite:///dir/", "sqlite:///x.db?mode=ro"]
-    )
+    @pytest.mark.parametrize("url", ["sqlite:///", "sqlite://host/x.db", "sqlite:///dir/", "sqlite:///x.db?mode=ro"])
     def test_unusable_sqlite_urls_are_config_errors(self, url: str) -> None:
         """A SQLite URL without a file, with a host, or with options is refused."""
         with pytest.raises(ConfigError):
@@ -103,8 +96,15 @@ class TestSchema:
         dest.probe()
         info = {row[1]: row for row in raw(db_path).execute("PRAGMA table_info(nexus_entries)")}
         assert set(info) == {
-            "payload_id", "seq", "source", "destination", "subject", "idempotency_key",
-            "received_at", "delivered_at", "payload",
+            "payload_id",
+            "seq",
+            "source",
+            "destination",
+            "subject",
+            "idempotency_key",
+            "received_at",
+            "delivered_at",
+            "payload",
         }
         not_null = {name for name, row in info.items() if row[3]}
         assert not_null == set(info) - {"subject", "idempotency_key"}
@@ -182,10 +182,14 @@ class TestWrite:
         entry = make_entry(7, source="web", subject="orders")
         before = time.time()
         dest.write([entry])
-        row = raw(db_path).execute(
-            "SELECT payload_id, source, destination, subject, idempotency_key, received_at,"
-            " delivered_at, payload FROM nexus_entries"
-        ).fetchone()
+        row = (
+            raw(db_path)
+            .execute(
+                "SELECT payload_id, source, destination, subject, idempotency_key, received_at,"
+                " delivered_at, payload FROM nexus_entries"
+            )
+            .fetchone()
+        )
         assert row[:5] == (entry.payload_id, "web", DEST, "orders", "key-7")
         assert row[5] == "2023-11-14T22:13:27.000000Z"
         assert TIMESTAMP.fullmatch(row[6])
@@ -391,7 +395,13 @@ class TestQuery:
         assert cursor is None
         (record,) = records
         assert set(record) == {
-            "payload_id", "source", "subject", "idempotency_key", "received_at", "delivered_at", "payload",
+            "payload_id",
+            "source",
+            "subject",
+            "idempotency_key",
+            "received_at",
+            "delivered_at",
+            "payload",
         }
         assert record["payload"] == {"n": 1}
         assert record["source"] == "web"
@@ -402,12 +412,7 @@ class TestQuery:
 
     def test_filters_by_source_and_subject(self, dest: SQLiteDestination) -> None:
         """source and subject narrow the rows, alone or together, and paging still works."""
-        dest.write(
-            [
-                make_entry(i, source="a" if i % 2 else "b", subject="x" if i % 3 else None)
-                for i in range(30)
-            ]
-        )
+        dest.write([make_entry(i, source="a" if i % 2 else "b", subject="x" if i % 3 else None) for i in range(30)])
 
         def all_ids(**filters: str) -> list[str]:
             ids: list[str] = []

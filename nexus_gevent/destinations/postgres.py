@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import psycopg
 import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
@@ -27,7 +26,7 @@ from psycopg.rows import TupleRow
 
 from ..entry import Entry
 from ..errors import ConfigError, DestinationError, DestinationUnavailable, EntryRejected
-from .sqlite import Record, decode_cursor, encode_cursor
+from ._paging import Record, decode_cursor, page, page_query
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -332,36 +331,16 @@ class PostgresDestination:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         after_seq = decode_cursor(after) if after is not None else 0
-        sql = [
-            "SELECT seq, payload_id, source, subject, idempotency_key, received_at, delivered_at,",
-            "payload::text FROM nexus_entries WHERE destination = %s AND seq > %s",
-        ]
-        params: list[object] = [self._name, after_seq]
-        if source is not None:
-            sql.append("AND source = %s")
-            params.append(source)
-        if subject is not None:
-            sql.append("AND subject = %s")
-            params.append(subject)
-        # One row more than asked tells whether a next page exists.
-        sql.append("ORDER BY seq LIMIT %s")
-        params.append(limit + 1)
-        rows = self._read(" ".join(sql), params)
-        records: list[Record] = [
-            {
-                "payload_id": payload_id,
-                "source": row_source,
-                "subject": row_subject,
-                "idempotency_key": idempotency_key,
-                "received_at": format_datetime(received_at),
-                "delivered_at": format_datetime(delivered_at),
-                "payload": orjson.loads(payload),
-            }
-            for _, payload_id, row_source, row_subject, idempotency_key, received_at,
-            delivered_at, payload in rows[:limit]
-        ]
-        next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
-        return records, next_cursor
+        sql, params = page_query(
+            "%s",
+            "payload::text",
+            destination=self._name,
+            after_seq=after_seq,
+            source=source,
+            subject=subject,
+            limit=limit,
+        )
+        return page(self._read(sql, params), limit, format_datetime)
 
     def count(self) -> int:
         """The number of rows stored for this destination."""
@@ -398,9 +377,7 @@ class PostgresDestination:
                     migrate(conn)
                 except Exception as exc:
                     # Whatever stops the schema from being ready, the entries are not at fault.
-                    raise DestinationUnavailable(
-                        f"postgresql: cannot prepare the schema: {_first_line(exc)}"
-                    ) from exc
+                    raise DestinationUnavailable(f"postgresql: cannot prepare the schema: {_first_line(exc)}") from exc
                 self._schema_ready = True
             yield conn
 

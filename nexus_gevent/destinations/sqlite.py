@@ -10,30 +10,25 @@ calling greenlet.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import orjson
 from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-ignore]
 
 from .._sqlite import create_private_file
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
+from ._paging import Record, decode_cursor, format_timestamp, page, page_query
 
 _T = TypeVar("_T")
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 
 #: One record of `GET /query`, with the contract's keys.
-Record = dict[str, object]
 
 # `seq` orders rows for cursor paging. The contract fixes `payload_id` (text) as the
 # primary key, so no INTEGER PRIMARY KEY can alias the rowid, and VACUUM may renumber
@@ -144,42 +139,6 @@ def classify_sqlite_error(exc: Exception) -> DestinationError:
     return EntryRejected(f"{type(exc).__name__}: {exc}")
 
 
-def format_timestamp(epoch_seconds: float) -> str:
-    """UTC ISO-8601 with microseconds and 'Z', e.g. 2026-11-28T06:24:10.123456Z."""
-    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-_CURSOR_PREFIX = "seq:"
-_CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]+")
-_CURSOR_SEQ = re.compile(r"[0-9]{1,19}")
-_MAX_SEQ = 2**63 - 1
-
-
-def encode_cursor(seq: int) -> str:
-    """The opaque `next` cursor pointing after the row with this `seq`."""
-    raw = f"{_CURSOR_PREFIX}{seq}".encode("ascii")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def decode_cursor(cursor: str) -> int:
-    """The `seq` inside a cursor made by encode_cursor; ValueError for anything else."""
-    # b64decode silently drops characters outside the alphabet, so check them first.
-    if not _CURSOR_CHARS.fullmatch(cursor):
-        raise ValueError("malformed cursor")
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, UnicodeDecodeError) as exc:
-        raise ValueError("malformed cursor") from exc
-    digits = raw[len(_CURSOR_PREFIX) :]
-    if not raw.startswith(_CURSOR_PREFIX) or not _CURSOR_SEQ.fullmatch(digits):
-        raise ValueError("malformed cursor")
-    seq = int(digits)
-    # Past SQLite's INTEGER range the driver raises OverflowError, not a clean refusal.
-    if seq > _MAX_SEQ:
-        raise ValueError("malformed cursor")
-    return seq
-
-
 class SQLiteDestination:
     """A Destination storing entries in `nexus_entries` of one SQLite file.
 
@@ -286,8 +245,15 @@ class SQLiteDestination:
             # (they agree when the queue routes correctly): /query filters on it, so a
             # row stored here must always be visible through this destination.
             rows = [
-                (e.payload_id, e.source, self._name, e.subject, e.idempotency_key,
-                 format_timestamp(e.received_at), e.payload.decode("utf-8"))
+                (
+                    e.payload_id,
+                    e.source,
+                    self._name,
+                    e.subject,
+                    e.idempotency_key,
+                    format_timestamp(e.received_at),
+                    e.payload.decode("utf-8"),
+                )
                 for e in entries
             ]
             # IMMEDIATE takes the write lock up front, so waiting for it goes through
@@ -316,36 +282,10 @@ class SQLiteDestination:
     def _query_in_thread(
         self, source: str | None, subject: str | None, limit: int, after_seq: int
     ) -> tuple[list[Record], str | None]:
-        sql = [
-            "SELECT seq, payload_id, source, subject, idempotency_key, received_at, delivered_at,",
-            "payload FROM nexus_entries WHERE destination = ? AND seq > ?",
-        ]
-        params: list[object] = [self._name, after_seq]
-        if source is not None:
-            sql.append("AND source = ?")
-            params.append(source)
-        if subject is not None:
-            sql.append("AND subject = ?")
-            params.append(subject)
-        # One row more than asked tells whether a next page exists.
-        sql.append("ORDER BY seq LIMIT ?")
-        params.append(limit + 1)
-        rows = self._read(" ".join(sql), params)
-        records: list[Record] = [
-            {
-                "payload_id": payload_id,
-                "source": row_source,
-                "subject": row_subject,
-                "idempotency_key": idempotency_key,
-                "received_at": received_at,
-                "delivered_at": delivered_at,
-                "payload": orjson.loads(payload),
-            }
-            for _, payload_id, row_source, row_subject, idempotency_key, received_at,
-            delivered_at, payload in rows[:limit]
-        ]
-        next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
-        return records, next_cursor
+        sql, params = page_query(
+            "?", "payload", destination=self._name, after_seq=after_seq, source=source, subject=subject, limit=limit
+        )
+        return page(self._read(sql, params), limit, str)
 
     def _count_in_thread(self) -> int:
         rows = self._read("SELECT COUNT(*) FROM nexus_entries WHERE destination = ?", [self._name])
@@ -408,9 +348,7 @@ def migrate(conn: sqlite3.Connection) -> None:
         # Read again under the lock: another worker may have migrated meanwhile.
         current = _user_version(conn)
         if current > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"schema version {current} is newer than this code's {SCHEMA_VERSION}"
-            )
+            raise sqlite3.DatabaseError(f"schema version {current} is newer than this code's {SCHEMA_VERSION}")
         for version in range(current, SCHEMA_VERSION):
             for statement in MIGRATIONS[version]:
                 conn.execute(statement)
