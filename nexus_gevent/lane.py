@@ -145,7 +145,7 @@ class Lane:
 
     def retry_after(self) -> int:
         """Seconds until the backlog should have cleared at the measured delivery rate."""
-        waiting = self.queue.depth + len(self._backlog)
+        waiting = self.queue.outstanding + len(self._backlog)
         rate = max(self.meter.rate(), 1.0)
         return int(min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(waiting / rate))))
 

@@ -147,6 +147,11 @@ class Queue:
         return self._q.qsize()
 
     @property
+    def outstanding(self) -> int:
+        """Entries buffered or being delivered: what this queue still owes its destination."""
+        return len(self._known)
+
+    @property
     def capacity(self) -> int:
         return self._size
 
