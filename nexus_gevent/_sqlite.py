@@ -7,6 +7,7 @@ closed inside one dedicated thread, and greenlets hand it work with `run`.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,28 @@ from typing import TypeVar
 from gevent.threadpool import ThreadPool
 
 T = TypeVar("T")
+
+#: Mode of a SQLite file the service creates: it holds payloads or keys, so the owner's only.
+PRIVATE_FILE_MODE = 0o600
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600 unless it exists; SQLite then opens it as a new database.
+
+    sqlite3 would create it with the umask's mode (0644 under the usual 022); its
+    -wal and -shm files copy the database file's mode, so they are private too. An
+    existing file keeps its mode: it is the operator's. Any other failure is left
+    to sqlite3's own open, which reports it as the database error callers classify.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    except OSError:
+        return
+    try:
+        # O_CREAT's mode is filtered through the umask; set it exactly.
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    finally:
+        os.close(fd)
 
 
 class SQLiteThread:
@@ -30,6 +53,7 @@ class SQLiteThread:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            create_private_file(self._path)
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
             conn.execute("PRAGMA journal_mode=WAL")

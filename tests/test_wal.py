@@ -1051,6 +1051,26 @@ class TestWalFailures:
         assert not segment_path(wal_dir, 1).exists()
         assert log.at("error", "wal_reclaim_failed")
 
+    def test_a_mark_refused_by_a_failed_write_is_written_with_the_next_batch(
+        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+    ) -> None:
+        """A DELIVERED mark whose write failed (disk full) is not lost: the next write records it, without a restart."""
+        # Given a durable entry, and a disk that fails the next fdatasync
+        wal = open_wal()
+        delivered, later = make_entry(0), make_entry(1)
+        wal.append(delivered)
+        fdatasync.failures_left = 1
+        with gevent.Timeout(HANG_GUARD_SECONDS):
+            # When its DELIVERED mark meets the failure
+            wal.mark_delivered([delivered.payload_id])
+            with pytest.raises(WalUnavailable):
+                wal.flush()
+            # ... and the next append, with the disk healthy again, succeeds
+            wal.append(later)
+        # Then the mark went with it: only the later entry is pending, in memory and on disk
+        assert wal.pending_count == 1
+        assert pending_ids(wal_dir) == [later.payload_id]
+
 
 class TestWalClose:
     def test_close_is_idempotent(self, open_wal: OpenWal) -> None:

@@ -60,7 +60,7 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     left = limit + 1
     while left > 0:
-        chunk: bytes = stream.read(left)
+        chunk = _read_some(stream, left)
         if not chunk:
             break
         chunks.append(chunk)
@@ -70,6 +70,24 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
         raise ApiError(
             falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes", details={"max_body_bytes": limit}
         )
+    return data
+
+
+def _read_some(stream: Any, size: int) -> bytes:
+    """Up to `size` bytes of the body; 400 when the server cannot parse the body's framing.
+
+    gunicorn raises from inside read() for a malformed chunked body (a chunk size
+    that is not hex, a missing CRLF): that is the request's fault, not a 500.
+    """
+    try:
+        data: bytes = stream.read(size)
+    except Exception as exc:
+        raise ApiError(
+            falcon.HTTP_400,
+            "invalid_body",
+            "the request body could not be read",
+            details={"reason": type(exc).__name__},
+        ) from None
     return data
 
 

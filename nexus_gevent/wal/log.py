@@ -41,12 +41,14 @@ DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 class _Batch:
     """Frames waiting for one write+fsync, and who waits for them."""
 
-    __slots__ = ("chunks", "done", "entries", "error", "settled")
+    __slots__ = ("chunks", "done", "entries", "error", "marks", "settled")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.entries: list[str] = []
         self.settled: list[str] = []
+        #: The mark frames among `chunks`, kept apart so a failed write can hand them on.
+        self.marks: list[bytes] = []
         self.done = gevent.event.Event()
         self.error: OSError | None = None
 
@@ -222,7 +224,9 @@ class Wal:
     def _mark(self, kind: int, payload_ids: Sequence[str]) -> None:
         if not payload_ids:
             return
-        batch = self._enqueue(encode(kind, records.encode_ids(payload_ids)))
+        frame = encode(kind, records.encode_ids(payload_ids))
+        batch = self._enqueue(frame)
+        batch.marks.append(frame)
         batch.settled.extend(payload_ids)
 
     @staticmethod
@@ -251,12 +255,29 @@ class Wal:
                 batch.error = exc
                 self.last_error = exc
                 self._log.error("wal_write_failed", directory=str(self.directory), error=str(exc), errno=exc.errno)
+                self._carry_marks(batch)
             else:
                 self.last_error = None
                 self._bytes_on_disk += len(buf)
                 self._account(seg, batch)
             self._writing = None
             batch.done.set()
+
+    def _carry_marks(self, failed: _Batch) -> None:
+        """Hand a failed batch's marks to the next batch, which writes them with the next append.
+
+        Nobody waits for a mark, so dropping it would leave a delivered entry PENDING
+        until a restart, and its segment unreclaimable. Writing a mark twice is
+        harmless, and it still lands after its entry. At close they are given up:
+        a retry loop on a dead disk would never end, and a lost mark only costs a
+        redelivery, which stores nothing twice.
+        """
+        if not failed.marks or self._closing:
+            return
+        nxt = self._current
+        nxt.chunks[:0] = failed.marks
+        nxt.marks[:0] = failed.marks
+        nxt.settled[:0] = failed.settled
 
     def _account(self, seg: int, batch: _Batch) -> None:
         # Rotation happens in the thread; learn of every segment it opened, even

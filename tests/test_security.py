@@ -1,0 +1,339 @@
+"""Security: who may call what, tokens compared in constant time, no secret in a log, private files.
+
+In-process, on a real `Service` (WAL and SQLite under tmp_path) behind
+`falcon.testing.TestClient`. Two sources write to two destinations, so "another
+source's token" is a token that is valid, but for the wrong source and destination.
+"""
+
+# The tokens here are test fixtures, not credentials.
+
+from __future__ import annotations
+
+import hmac
+import io
+import os
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import falcon.testing
+import orjson
+import pytest
+
+from nexus_gevent import tokens
+from nexus_gevent.auth import Authenticator, Principal
+from nexus_gevent.config import ADMIN_TOKEN_FILENAME, SECRETS_DIRNAME, Settings, load_settings
+from nexus_gevent.http.app import create_app
+from nexus_gevent.logs import get_logger
+from nexus_gevent.service import Service
+from nexus_gevent.testing import RecordingLogger, make_entry, wait_until
+
+SOURCE_TOKEN = "security-source-token-7c1e"
+OTHER_TOKEN = "security-other-token-2b9f"
+ADMIN_TOKEN = "security-admin-token-d40a"
+GARBAGE_TOKEN = "security-garbage-token-9e55"
+
+#: The token classes of the matrix: what the Authorization header carries.
+TOKEN_CLASSES: dict[str, str | None] = {
+    "none": None,
+    "garbage": GARBAGE_TOKEN,
+    "source": SOURCE_TOKEN,
+    "other_source": OTHER_TOKEN,
+    "admin": ADMIN_TOKEN,
+}
+
+#: `default` writes to destination `default`; `other` writes to `elsewhere`.
+CONFIG = f"""
+[[destinations]]
+name = "elsewhere"
+url = "sqlite:///{{data_dir}}/elsewhere.db"
+
+[[sources]]
+name = "default"
+token = "{SOURCE_TOKEN}"
+destination = "default"
+
+[[sources]]
+name = "other"
+token = "{OTHER_TOKEN}"
+destination = "elsewhere"
+"""
+
+#: The dead letter the retry endpoint is called with (recorded before the matrix runs).
+DEAD_LETTER_ID = "d" * 32
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route of the API and the status each token class must get from it."""
+
+    method: str
+    path: str
+    expected: dict[str, int]
+    #: The error code of a 403 here.
+    forbidden_code: str = "admin_only"
+
+
+ADMIN_ONLY = {"none": 401, "garbage": 401, "source": 403, "other_source": 403, "admin": 200}
+OPEN = dict.fromkeys(TOKEN_CLASSES, 200)
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "inbound": Endpoint(
+        "POST",
+        "/inbound/default",
+        {"none": 401, "garbage": 401, "source": 202, "other_source": 403, "admin": 403},
+        forbidden_code="source_mismatch",
+    ),
+    "query": Endpoint(
+        "GET",
+        "/query/default",
+        {"none": 401, "garbage": 401, "source": 200, "other_source": 403, "admin": 200},
+        forbidden_code="source_mismatch",
+    ),
+    "metrics": Endpoint("GET", "/metrics", ADMIN_ONLY),
+    "admin_status": Endpoint("GET", "/admin/status", ADMIN_ONLY),
+    "admin_dead_letters": Endpoint("GET", "/admin/dead-letters", ADMIN_ONLY),
+    "admin_retry": Endpoint("POST", f"/admin/dead-letters/{DEAD_LETTER_ID}/retry", {**ADMIN_ONLY, "admin": 202}),
+    "health": Endpoint("GET", "/health", OPEN),
+    "ready": Endpoint("GET", "/ready", OPEN),
+}
+
+CELLS = [(name, token_class) for name in ENDPOINTS for token_class in TOKEN_CLASSES]
+
+
+def headers_for(token_class: str) -> dict[str, str]:
+    token = TOKEN_CLASSES[token_class]
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+class Node:
+    """A started service with two sources, and a TestClient on its app."""
+
+    def __init__(self, data_dir: Path, logger: Any) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = data_dir / "nexus.toml"
+        config.write_text(CONFIG.replace("{data_dir}", str(data_dir)))
+        env = {"NEXUS_DATA_DIR": str(data_dir), "NEXUS_CONFIG": str(config), "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN}
+        self.service = Service(load_settings(env), logger)
+        self.service.start()
+        assert self.service.wait_ready(5)
+        assert self.service.dead_letters is not None
+        dead = make_entry(DEAD_LETTER_ID, source="default", destination="default")
+        self.service.dead_letters.record(dead, "rejected by the test", 5)
+        self.client = falcon.testing.TestClient(create_app(self.service, logger))
+
+    def call(self, endpoint: Endpoint, token_class: str, marker: str = "") -> falcon.testing.Result:
+        body = orjson.dumps({"note": marker or "matrix"}) if endpoint.method == "POST" else None
+        return self.client.simulate_request(endpoint.method, endpoint.path, headers=headers_for(token_class), body=body)
+
+    def close(self) -> None:
+        self.service.shutdown(5)
+
+
+@pytest.fixture(scope="class")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One service for the whole matrix: no cell changes what another cell sees."""
+    started = Node(tmp_path_factory.mktemp("security") / "data", RecordingLogger())
+    yield started
+    started.close()
+
+
+def assert_contract_error(result: falcon.testing.Result, status: int, code: str) -> None:
+    """The contract's error shape with the expected code; a 401 names the Bearer scheme."""
+    assert result.status_code == status, result.text
+    body = result.json
+    assert set(body) >= {"error", "message", "details"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str)
+    assert body["message"]
+    assert isinstance(body["details"], dict)
+    if status == 401:
+        assert result.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+class TestAccessMatrix:
+    """Every endpoint against every token class: none, garbage, source, another source's, admin."""
+
+    @pytest.mark.parametrize(("endpoint_name", "token_class"), CELLS, ids=[f"{e}-{t}" for e, t in CELLS])
+    def test_each_endpoint_answers_each_token_class_with_its_expected_status(
+        self, node: Node, endpoint_name: str, token_class: str
+    ) -> None:
+        """401 without a known token, 403 for a valid token of the wrong kind, success for the right one."""
+        endpoint = ENDPOINTS[endpoint_name]
+        expected = endpoint.expected[token_class]
+
+        result = node.call(endpoint, token_class)
+
+        if expected == 401:
+            assert_contract_error(result, 401, "unauthorized")
+        elif expected == 403:
+            assert_contract_error(result, 403, endpoint.forbidden_code)
+        else:
+            assert result.status_code == expected, result.text
+
+    def test_an_unknown_source_is_401_before_404_for_an_unknown_token(self, node: Node) -> None:
+        """Source names do not leak: without a valid token an unknown source is 401, with one it is 404."""
+        anonymous = node.client.simulate_post("/inbound/nosuch", body=b"{}", headers=headers_for("garbage"))
+        known = node.client.simulate_post("/inbound/nosuch", body=b"{}", headers=headers_for("source"))
+
+        assert_contract_error(anonymous, 401, "unauthorized")
+        assert_contract_error(known, 404, "unknown_source")
+
+    def test_another_sources_destination_is_not_readable(self, node: Node) -> None:
+        """A source's token reads its own destination only: /query/elsewhere is 403 for `default`, 200 for `other`."""
+        own = node.client.simulate_get("/query/elsewhere", headers=headers_for("other_source"))
+        foreign = node.client.simulate_get("/query/elsewhere", headers=headers_for("source"))
+
+        assert own.status_code == 200, own.text
+        assert_contract_error(foreign, 403, "source_mismatch")
+
+
+class TestNoSecretsInLogs:
+    """The security matrix's own log lines hold no token and no body."""
+
+    def test_the_matrix_logs_no_token_and_no_body(self, tmp_path: Path, captured_logs: io.StringIO) -> None:
+        """Every cell of the matrix is logged as a request line; no token of any class, no body text appears."""
+        # Given a service logging JSON lines into a buffer
+        node = Node(tmp_path / "data", get_logger("nexus_gevent"))
+        marker = f"body-marker-{uuid.uuid4().hex}"
+        try:
+            # When every cell of the matrix is called, each body carrying the marker
+            for name, token_class in CELLS:
+                node.call(ENDPOINTS[name], token_class, marker)
+        finally:
+            node.close()
+        # Then each request was logged, and no token or body text was
+        output = captured_logs.getvalue()
+        lines = [orjson.loads(line) for line in output.splitlines()]
+        assert len([line for line in lines if line.get("event") == "request"]) == len(CELLS)
+        for token in (SOURCE_TOKEN, OTHER_TOKEN, ADMIN_TOKEN, GARBAGE_TOKEN):
+            assert token not in output
+        assert marker not in output
+
+
+class RecordingCompare:
+    """Stands in for hmac.compare_digest: records each call, then answers as the real one does."""
+
+    def __init__(self, real: Callable[[bytes, bytes], bool]) -> None:
+        self._real = real
+        self.calls: list[tuple[bytes, bytes]] = []
+
+    def __call__(self, a: bytes, b: bytes) -> bool:
+        self.calls.append((a, b))
+        return self._real(a, b)
+
+
+def many_sources_settings(tmp_path: Path, count: int) -> Settings:
+    lines = [f'[[sources]]\nname = "s{i}"\ntoken = "token-of-source-{i}"\n' for i in range(count)]
+    config = tmp_path / "many.toml"
+    config.write_text("\n".join(lines))
+    env = {"NEXUS_DATA_DIR": str(tmp_path / "data"), "NEXUS_CONFIG": str(config), "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN}
+    return load_settings(env)
+
+
+class TestConstantTimeTokens:
+    """Tokens are compared with hmac.compare_digest, and against every configured token."""
+
+    SOURCES = 5
+
+    @pytest.fixture
+    def compare(self, monkeypatch: pytest.MonkeyPatch) -> RecordingCompare:
+        recorder = RecordingCompare(hmac.compare_digest)
+        monkeypatch.setattr(hmac, "compare_digest", recorder)
+        return recorder
+
+    def test_tokens_equal_uses_hmac_compare_digest(self, compare: RecordingCompare) -> None:
+        """tokens_equal is hmac.compare_digest over the tokens' bytes."""
+        assert tokens.tokens_equal("same-token", "same-token")
+        assert not tokens.tokens_equal("same-token", "other-token")
+
+        assert compare.calls == [(b"same-token", b"same-token"), (b"same-token", b"other-token")]
+
+    @pytest.mark.parametrize(
+        ("presented", "principal"),
+        [
+            (ADMIN_TOKEN, Principal("admin")),
+            ("token-of-source-0", Principal("source", "s0")),
+            (f"token-of-source-{SOURCES - 1}", Principal("source", f"s{SOURCES - 1}")),
+            ("no-such-token", None),
+        ],
+        ids=["admin", "first-source", "last-source", "unknown"],
+    )
+    def test_identify_compares_against_every_token_even_after_a_match(
+        self, tmp_path: Path, compare: RecordingCompare, presented: str, principal: Principal | None
+    ) -> None:
+        """Whichever token matches, and where, identify makes one comparison per source token plus the admin's."""
+        auth = Authenticator(many_sources_settings(tmp_path, self.SOURCES))
+
+        found = auth.identify(f"Bearer {presented}")
+
+        assert found == principal
+        assert len(compare.calls) == self.SOURCES + 1
+        assert {a for a, _ in compare.calls} == {presented.encode()}
+
+
+@pytest.fixture
+def default_umask() -> Iterator[None]:
+    """The usual umask 022, under which files are created world-readable unless the service says otherwise."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def loose_modes(root: Path) -> list[str]:
+    """Every path under `root` (and root itself) whose mode gives the group or others any permission."""
+    found: list[str] = []
+    for path in [root, *sorted(root.rglob("*"))]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode & 0o077:
+            found.append(f"{path.relative_to(root.parent)} {mode:04o}")
+    return found
+
+
+@pytest.mark.usefixtures("default_umask")
+class TestFileModes:
+    """What the service creates is its user's alone, whatever the umask."""
+
+    def test_generated_secrets_are_0600_in_a_0700_directory(self, tmp_path: Path) -> None:
+        """Without NEXUS_TOKEN and NEXUS_ADMIN_TOKEN the generated token files are 0600, their directory 0700."""
+        data_dir = tmp_path / "data"
+
+        settings = load_settings({"NEXUS_DATA_DIR": str(data_dir)})
+
+        secrets_dir = data_dir / SECRETS_DIRNAME
+        assert stat.S_IMODE(secrets_dir.stat().st_mode) == 0o700
+        assert sorted(p.name for p in secrets_dir.iterdir()) == [ADMIN_TOKEN_FILENAME, "token-default"]
+        for path in secrets_dir.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert sorted(settings.generated_secrets) == sorted(secrets_dir.iterdir())
+
+    def test_the_data_dir_wal_and_sqlite_files_are_private_after_a_start(self, tmp_path: Path) -> None:
+        """After a start and a delivered write: data dir, WAL and every SQLite file have no group or other bits."""
+        # Given a service started on a fresh data dir under umask 022
+        data_dir = tmp_path / "data"
+        env = {"NEXUS_DATA_DIR": str(data_dir), "NEXUS_TOKEN": SOURCE_TOKEN, "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN}
+        service = Service(load_settings(env), RecordingLogger())
+        service.start()
+        try:
+            assert service.wait_ready(5)
+            client = falcon.testing.TestClient(create_app(service, RecordingLogger()))
+            # When an entry is written with an idempotency key and delivered
+            result = client.simulate_post(
+                "/inbound/default", body=b'{"n": 1}', headers={**headers_for("source"), "Idempotency-Key": "k-1"}
+            )
+            assert result.status_code == 202, result.text
+            destination = service.destinations["default"]
+            wait_until(lambda: destination.count() == 1, what="the write delivered")  # type: ignore[attr-defined]
+            # Then everything it created is there, and none of it is open to the group or others
+            names = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*")}
+            expected = {"wal", "wal/w0", "wal/w0/LOCK", "nexus.db", "nexus.db-wal", "idempotency.db", "dead-letters.db"}
+            assert expected <= names, sorted(names)
+            assert any(name.startswith("wal/w0/seg-") for name in names), sorted(names)
+            assert loose_modes(data_dir) == []
+        finally:
+            service.shutdown(5)
