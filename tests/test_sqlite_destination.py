@@ -266,6 +266,11 @@ class TestClassifySqliteError:
         """OperationalErrors without a result code are classified by their message."""
         assert isinstance(classify_sqlite_error(sqlite3.OperationalError(message)), DestinationUnavailable)
 
+    def test_an_os_error_reaching_the_file_maps_to_unavailable(self) -> None:
+        """An OSError (the folder cannot be made, the file cannot be opened) is an outage, not the entry's fault."""
+        exc = PermissionError(13, "Permission denied", "/srv/nexus/nexus.db")
+        assert isinstance(classify_sqlite_error(exc), DestinationUnavailable)
+
     def test_extended_io_error_code_maps_to_unavailable(self) -> None:
         """An extended result code (SQLITE_IOERR_FSYNC) counts by its primary code."""
         exc = sqlite3.OperationalError("some wording we do not know")

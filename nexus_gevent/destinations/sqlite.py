@@ -136,6 +136,10 @@ def classify_sqlite_error(exc: Exception) -> DestinationError:
         return EntryRejected(f"sqlite {type(exc).__name__}: {exc}")
     if isinstance(exc, UnicodeDecodeError):
         return EntryRejected(f"payload is not valid UTF-8: {exc}")
+    if isinstance(exc, OSError):
+        # The file or its folder cannot be reached (a mkdir or open failed): an
+        # outage of the destination, not a fault of the entry.
+        return DestinationUnavailable(f"sqlite: {exc}")
     return EntryRejected(f"{type(exc).__name__}: {exc}")
 
 
