@@ -250,7 +250,7 @@ class Wal:
             self._writing = batch
             buf = b"".join(batch.chunks)
             try:
-                seg = self._pool.apply(self._write, (buf,))
+                seg = self._write_in_thread(buf)
             except OSError as exc:
                 batch.error = exc
                 self.last_error = exc
@@ -323,6 +323,17 @@ class Wal:
             self._seg_pending.pop(seg, None)
         self._bytes_on_disk = max(0, self._bytes_on_disk - freed)
         self._log.info("wal_segments_reclaimed", directory=str(self.directory), segments=len(doomed), bytes=freed)
+
+    def _write_in_thread(self, buf: bytes) -> int:
+        """_write in the I/O thread; its OSError is raised here, on the hub.
+
+        Returned rather than raised in the thread: gevent's pool prints a traceback
+        for every exception raised there, and a full disk fails every write.
+        """
+        seg, error = self._pool.apply(_returning_error, (self._write, buf))
+        if error is not None:
+            raise error
+        return int(seg)
 
     # -- internals: I/O thread -----------------------------------------------
 
@@ -408,3 +419,10 @@ def _scan_pending(
                 if len(found) >= limit:
                     return list(found.values())
     return list(found.values())
+
+
+def _returning_error(fn: Callable[[bytes], int], buf: bytes) -> tuple[int, OSError | None]:
+    try:
+        return fn(buf), None
+    except OSError as exc:
+        return -1, exc
