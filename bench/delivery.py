@@ -25,7 +25,7 @@ production). With --postgres-url, the URL must be allowed to CREATE DATABASE: ev
 a fresh database, dropped afterwards.
 
 Prints the JSON summary (medians, min, max in entries/s, and service/raw ratios) and writes
-bench/results/delivery.json and bench/results/delivery.md.
+bench/results/delivery.json and bench/results/delivery.md. bench/suite.py calls `run`.
 """
 
 from __future__ import annotations
@@ -483,27 +483,26 @@ def filesystem(path: Path) -> str:
     return out.stdout.strip()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--entries", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--postgres-url", default=None, help="an admin URL allowed to CREATE DATABASE")
-    parser.add_argument("--pg-fsync", choices=("on", "off"), default="on", help="fsync of the private server")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds one service run may take")
-    parser.add_argument("--workdir", type=Path, default=None, help="where data dirs go (default: a temp dir)")
-    args = parser.parse_args()
-    configure_logging("WARNING", json=True, stream=sys.stderr)
-
-    pg = PgDatabases(args.postgres_url, fsync=args.pg_fsync == "on")
+def run(
+    entries: int,
+    rounds: int,
+    *,
+    postgres_url: str | None = None,
+    pg_fsync: bool = True,
+    timeout: float = 300.0,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """Every run of the module docstring, `rounds` times, for N `entries`; the report (no files written)."""
+    pg = PgDatabases(postgres_url, fsync=pg_fsync)
     runs: dict[str, dict[str, list[dict[str, float]]]] = {
         "sqlite": {"service": [], "raw_executemany": []},
         "postgres": {"service": [], "raw_executemany": [], "raw_copy": [], "raw_unnest": []},
     }
     try:
         pg_settings = {"kind": pg.kind, **pg.settings()}
-        for round_no in range(1, args.rounds + 1):
-            entries = make_entries(args.entries)
-            with tempfile.TemporaryDirectory(prefix="nexus-bench-", dir=args.workdir) as tmp:
+        for round_no in range(1, rounds + 1):
+            batch = make_entries(entries)
+            with tempfile.TemporaryDirectory(prefix="nexus-bench-", dir=workdir) as tmp:
                 base = Path(tmp)
 
                 def record(dest: str, name: str, result: dict[str, float], round_no: int = round_no) -> None:
@@ -514,27 +513,27 @@ def main() -> None:
                     )
 
                 (base / "sqlite-service").mkdir()
-                record("sqlite", "service", sqlite_service(entries, base / "sqlite-service", args.timeout))
-                record("sqlite", "raw_executemany", sqlite_raw(entries, base))
+                record("sqlite", "service", sqlite_service(batch, base / "sqlite-service", timeout))
+                record("sqlite", "raw_executemany", sqlite_raw(batch, base))
                 (base / "pg-service").mkdir()
                 with pg.fresh() as url:
-                    record("postgres", "service", pg_service(entries, url, base / "pg-service", args.timeout))
+                    record("postgres", "service", pg_service(batch, url, base / "pg-service", timeout))
                 for method in ("executemany", "copy", "unnest"):
                     with pg.fresh() as url:
-                        record("postgres", f"raw_{method}", pg_raw(entries, url, method))
+                        record("postgres", f"raw_{method}", pg_raw(batch, url, method))
     finally:
         pg.close()
 
     report: dict[str, Any] = {
-        "entries": args.entries,
-        "rounds": args.rounds,
+        "entries": entries,
+        "rounds": rounds,
         "batch": BATCH,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
             "sqlite": sqlite3.sqlite_version,
-            "workdir_filesystem": filesystem(args.workdir or Path(tempfile.gettempdir())),
+            "workdir_filesystem": filesystem(workdir or Path(tempfile.gettempdir())),
         },
         "postgres_server": pg_settings,
     }
@@ -561,6 +560,27 @@ def main() -> None:
             for key in ("replay_seconds", "ready_after", "first_row_after", "steady_entries_per_s", "prefill_seconds")
         }
         report[dest] = summary
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--postgres-url", default=None, help="an admin URL allowed to CREATE DATABASE")
+    parser.add_argument("--pg-fsync", choices=("on", "off"), default="on", help="fsync of the private server")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds one service run may take")
+    parser.add_argument("--workdir", type=Path, default=None, help="where data dirs go (default: a temp dir)")
+    args = parser.parse_args()
+    configure_logging("WARNING", json=True, stream=sys.stderr)
+    report = run(
+        args.entries,
+        args.rounds,
+        postgres_url=args.postgres_url,
+        pg_fsync=args.pg_fsync == "on",
+        timeout=args.timeout,
+        workdir=args.workdir,
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "delivery.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "delivery.md").write_text(markdown(report))

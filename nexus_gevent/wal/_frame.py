@@ -16,6 +16,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"\x00NXR"
 _HEADER = struct.Struct("<4sII")
@@ -28,9 +29,13 @@ _KIND_AT = _HEADER.size
 MAX_BODY = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """An intact record found at `offset` in its file."""
+class Frame(NamedTuple):
+    """An intact record found at `offset` in its file.
+
+    A named tuple rather than a frozen dataclass: scan builds one per record, and a
+    tuple is built about twice as fast (a frozen dataclass sets each field through
+    object.__setattr__), while staying immutable.
+    """
 
     offset: int
     kind: int

@@ -18,6 +18,7 @@ SETTLING_KINDS = frozenset((DELIVERED, FAILED, DISCARDED))
 KIND_NAMES = {ENTRY: "entry", DELIVERED: "delivered", FAILED: "failed", DISCARDED: "discarded"}
 
 _ID_LEN = 32
+_new_tuple = tuple.__new__
 
 
 def encode_entry(entry: Entry) -> bytes:
@@ -45,8 +46,11 @@ def decode_entry(body: bytes) -> Entry:
     if cut < 0:
         raise ValueError("entry record without a metadata line")
     meta = orjson.loads(body[:cut])
-    # Positional, in field order: replay builds one Entry per record, so this is hot.
-    return Entry(meta["i"], meta["s"], meta["d"], body[cut + 1 :], meta["t"], meta.get("j"), meta.get("k"))
+    # Every field, in field order, straight through tuple.__new__: replay builds one Entry
+    # per record, and the named tuple's own __new__ adds a Python call to each.
+    return _new_tuple(
+        Entry, (meta["i"], meta["s"], meta["d"], body[cut + 1 :], meta["t"], meta.get("j"), meta.get("k"))
+    )
 
 
 def encode_ids(payload_ids: Sequence[str]) -> bytes:

@@ -95,6 +95,7 @@ def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress:
     # The loop body is inlined on purpose: it runs once per record at startup.
     for done, (number, path) in enumerate(segs):
         result.segments.append(number)
+        entries = 0
         for item in read_segment(path):
             if type(item) is Damage:
                 result.damage.append(DamageReport(path, item.offset, item.length, item.reason))
@@ -107,7 +108,7 @@ def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress:
                     if pending.pop(entry.payload_id, None) is not None:
                         counts["revived"] += 1
                     pending[entry.payload_id] = (entry, number)
-                    counts["entry"] += 1
+                    entries += 1
                 elif kind in records.SETTLING_KINDS:
                     ids = decode_ids(body)
                     for settled in ids:
@@ -120,5 +121,7 @@ def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress:
                 result.damage.append(DamageReport(path, item.offset, len(body), f"undecodable: {exc}"))
                 continue
             result.records += 1
+        if entries:
+            counts["entry"] += entries
         if progress is not None:
             progress(result.records, done + 1, len(segs))
