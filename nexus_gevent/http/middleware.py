@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import falcon
@@ -23,12 +23,14 @@ class RequestContext:
     """
 
     def __init__(self, logger: Any) -> None:
-        self._log = logger
+        # A concrete bound logger, built once: a lazy proxy would rebuild one on every
+        # request (logging is configured before the app is built).
+        self._log = logger.bind()
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         structlog.contextvars.clear_contextvars()
         given = req.get_header("X-Request-Id")
-        request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if given and _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         req.context.request_id = request_id
         req.context.started = time.perf_counter()
         resp.set_header("X-Request-Id", request_id)
