@@ -41,6 +41,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests.support.postgres import skip_or_fail
 from tests.support.proc import (
     ADMIN_TOKEN,
     HOST,
@@ -86,7 +87,7 @@ def fd_limit() -> Iterator[None]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = WANTED_FDS if hard == resource.RLIM_INFINITY else min(WANTED_FDS, hard)
     if wanted < CONNECTIONS + 200:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is too low for {CONNECTIONS} connections")
+        skip_or_fail(f"RLIMIT_NOFILE hard limit {hard} is too low for {CONNECTIONS} connections")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     try:
         yield

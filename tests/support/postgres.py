@@ -288,7 +288,7 @@ def dead_postgres_url() -> str:
 def managed_postgres(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
     """The session's server, for tests that stop it; always running again after the test."""
     if not postgres_server.managed:
-        pytest.skip(f"the server of {URL_ENV} cannot be stopped by the tests")
+        skip_or_fail(f"the server of {URL_ENV} cannot be stopped by the tests")
     try:
         yield postgres_server
     finally:
