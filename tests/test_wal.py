@@ -950,6 +950,27 @@ class TestWalReplayAfterStart:
         assert wal.pending_count == 0
         assert wal.segment_count == 1
 
+    def test_an_entry_written_again_before_replay_does_not_pin_its_old_segment(
+        self, open_wal: OpenWal, wal_dir: Path
+    ) -> None:
+        """An id appended live before replay finds it in an old segment counts once, so delivering it frees both."""
+        # Given an old segment holding an entry, and the same entry appended again after start
+        # (a retried dead letter does this)
+        old = make_entry(0)
+        write_segment(wal_dir, 0, entry_frame(old))
+        wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT, replay=False)
+        wal.append(old)
+
+        # When replay runs and the entry is delivered
+        wal.replay()
+        wal.mark_delivered([old.payload_id])
+        wal.flush()
+
+        # Then nothing is pending and only the current segment is left
+        assert wal.pending_count == 0
+        assert wal.segment_count == 1
+        assert len(segment_numbers(wal_dir)) == 1
+
 
 class TestWalFailures:
     def test_a_failed_fsync_raises_truncates_the_batch_and_the_next_append_works(

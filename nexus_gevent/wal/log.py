@@ -94,9 +94,13 @@ class Wal:
         """
         below = self._live_from if self._started else None
         result: ReplayResult = self._pool.apply(replay_directory, (self.directory, progress), {"below": below})
-        for payload_id, (_entry, seg) in result.pending.items():
-            self._loc.setdefault(payload_id, seg)
-            self._seg_pending[seg] += 1
+        # Built by comprehension (one pass at C speed), and an id already live (written
+        # again since start, e.g. a retried dead letter) keeps its live place: counting
+        # it in its old segment too would pin that segment forever.
+        live = self._loc
+        found = {pid: seg for pid, (_entry, seg) in result.pending.items() if pid not in live}
+        live.update(found)
+        self._seg_pending.update(found.values())
         self._segments[:0] = result.segments
         self._replayed = True
         for report in result.damage:
