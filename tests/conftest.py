@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
 from nexus_gevent.logs import configure_logging
+from tests.support.proc import Launcher
 
 
 @pytest.fixture
@@ -26,3 +28,11 @@ def captured_logs() -> Iterator[io.StringIO]:
         structlog.reset_defaults()
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    """Starts gunicorns under tmp_path; kills whatever is left at teardown."""
+    launcher = Launcher(tmp_path)
+    yield launcher
+    launcher.cleanup()

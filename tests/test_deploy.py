@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,12 +28,12 @@ from tests.support.proc import (
     exchange,
     metric_sum,
     post_headers,
+    ready,
     row_problems,
     scrape,
     stored_markers,
     wait_delivered,
     wait_for,
-    wait_table,
 )
 from tests.support.proc import (
     destination_locked as locked,
@@ -58,21 +57,6 @@ LOCKED_WRITES = 60
 MAX_WRITES_TO_FILL = 40
 #: The single worker adopts orphans every 10 s (service.ADOPT_INTERVAL); generous on top.
 ADOPTION_DEADLINE = 60.0
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launcher]:
-    """Starts gunicorns under tmp_path; kills whatever is left at teardown."""
-    launcher = Launcher(tmp_path)
-    yield launcher
-    launcher.cleanup()
-
-
-def ready(server: Gunicorn) -> Gunicorn:
-    """Wait until every worker is ready and the destination table exists (the start-up probe made it)."""
-    server.wait_ready()
-    wait_table(server.db_path)
-    return server
 
 
 def post(port: int, n: int, *, request_id: str | None = None, extra: str = "") -> Response:

@@ -33,10 +33,10 @@ from tests.support.proc import (
     exchange,
     metric_sum,
     post_headers,
+    ready,
     scrape,
     wait_delivered,
     wait_for,
-    wait_table,
 )
 from tests.support.proc import (
     destination_locked as locked,
@@ -54,21 +54,6 @@ POISON = "poison-marker"
 #: Two attempts with 50 ms between them, so an entry error becomes a dead letter in well under a second.
 DEAD_LETTER_ENV = {"NEXUS_MAX_ATTEMPTS": "2", "NEXUS_INITIAL_BACKOFF": "0.05"}
 SOURCE_AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launcher]:
-    """Starts gunicorns under tmp_path; kills whatever is left at teardown."""
-    launcher = Launcher(tmp_path)
-    yield launcher
-    launcher.cleanup()
-
-
-def ready(server: Gunicorn) -> Gunicorn:
-    """Wait until both workers are ready and the destination table exists (the start-up probe made it)."""
-    server.wait_ready()
-    wait_table(server.db_path)
-    return server
 
 
 def post(port: int, body: bytes, headers: dict[str, str] | None = None) -> Response:

@@ -671,3 +671,10 @@ def metric_sum(text: str, sample: str, **labels: str) -> float:
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def ready(server: Gunicorn) -> Gunicorn:
+    """Wait until every worker is ready and the destination table exists (the start-up probe made it)."""
+    server.wait_ready()
+    wait_table(server.db_path)
+    return server
