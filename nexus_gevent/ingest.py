@@ -98,7 +98,7 @@ class Ingest:
         try:
             started = time.perf_counter()
             self._wal.append(entry)
-            metrics.WAL_APPEND_LATENCY.observe(time.perf_counter() - started)
+            metrics.WAL_APPEND_LATENCY_BATCH.observe(time.perf_counter() - started)
             if key is not None:
                 owner = self._claim(source, key, entry)
                 if owner != entry.payload_id:

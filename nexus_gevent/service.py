@@ -221,6 +221,7 @@ class Service:
             if self.wal is not None:
                 metrics.WAL_PENDING.set(self.wal.pending_count)
                 metrics.WAL_BYTES.set(self.wal.size_bytes)
+            metrics.WAL_APPEND_LATENCY_BATCH.publish()
             gevent.sleep(GAUGE_INTERVAL)
 
     def retry_dead_letter(self, payload_id: str) -> bool:
@@ -284,6 +285,7 @@ class Service:
         gevent.joinall(drains)
         self._drained = all(g.value for g in drains)
         metrics.DRAIN_DURATION.observe(time.monotonic() - started)
+        metrics.WAL_APPEND_LATENCY_BATCH.publish()
         left = sum(lane.queue.depth + lane.backlog for lane in self.lanes.values())
         self._log.info(
             "drain_finished", drained=self._drained, seconds=round(time.monotonic() - started, 3), left_pending=left

@@ -61,6 +61,19 @@ def serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HT
     resp.data = orjson.dumps(body)
 
 
+def answer_error(resp: falcon.Response, error: ApiError) -> None:
+    """Write `error` into `resp` as raising it would, without Falcon's exception path.
+
+    For the answers that come by the thousand under overload (429): raising costs a
+    trip through Falcon's handler lookup and the serializer, about 5 % of a 429.
+    """
+    resp.status = error.status
+    if error.headers:
+        resp.set_headers(error.headers)
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps(error.to_dict())
+
+
 ErrorHandler = Callable[[falcon.Request, falcon.Response, Exception, dict[str, Any]], None]
 
 

@@ -16,7 +16,7 @@ from ..auth import Authenticator
 from ..config import Settings
 from ..errors import QueueClosed, WalUnavailable
 from ..ingest import Ingest, WriteResult
-from .errors import ApiError
+from .errors import ApiError, answer_error
 
 #: Idempotency-Key: up to 255 visible ASCII characters (contract).
 MAX_KEY_LENGTH = 255
@@ -135,6 +135,7 @@ class InboundResource:
         self._auth = auth
         self._ingest: Ingest = ingest
         self._state = state
+        self._counters = metrics.write_counters([s.name for s in settings.sources], settings.shed_policy)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, source: str) -> None:
         authenticate_source(self._auth, self._settings, req, source)
@@ -166,12 +167,13 @@ class InboundResource:
         self._answer(req, resp, result)
 
     def _count(self, source: str, result: WriteResult) -> None:
+        accepted, duplicates, shed = self._counters[source]
         if result.outcome == "accepted":
-            metrics.ACCEPTED.labels(source).inc()
+            accepted.inc()
         elif result.outcome == "duplicate":
-            metrics.DUPLICATES.labels(source).inc()
+            duplicates.inc()
         else:
-            metrics.SHED.labels(source, self._settings.shed_policy).inc()
+            shed.inc()
 
     @staticmethod
     def _answer(req: falcon.Request, resp: falcon.Response, result: WriteResult) -> None:
@@ -183,20 +185,28 @@ class InboundResource:
             resp.status = falcon.HTTP_200
             resp.data = orjson.dumps({"payload_id": result.payload_id, "status": "duplicate"})
         elif result.outcome == "shed":
-            raise ApiError(
-                falcon.HTTP_429,
-                "queue_full",
-                "the queue is full; the entry is durable in the WAL and will be delivered",
-                retry_after=result.retry_after,
-                extra={"payload_id": result.payload_id},
-                details={"payload_id": result.payload_id, "durable": True},
+            answer_error(
+                resp,
+                ApiError(
+                    falcon.HTTP_429,
+                    "queue_full",
+                    "the queue is full; the entry is durable in the WAL and will be delivered",
+                    retry_after=result.retry_after,
+                    extra={"payload_id": result.payload_id},
+                    details={"payload_id": result.payload_id, "durable": True},
+                ),
             )
+            return
         else:
-            raise ApiError(
-                falcon.HTTP_429,
-                "queue_full",
-                "the queue is full; nothing was stored, retry after the delay",
-                retry_after=result.retry_after,
-                details={"durable": False},
+            answer_error(
+                resp,
+                ApiError(
+                    falcon.HTTP_429,
+                    "queue_full",
+                    "the queue is full; nothing was stored, retry after the delay",
+                    retry_after=result.retry_after,
+                    details={"durable": False},
+                ),
             )
+            return
         resp.content_type = falcon.MEDIA_JSON
