@@ -31,7 +31,9 @@ class Authenticator:
 
     def __init__(self, settings: Settings) -> None:
         self._admin = settings.admin_token
-        self._sources = [(s.token, s.name) for s in settings.sources]
+        # Principals are built once: identify() runs on every request.
+        self._admin_principal = Principal(ADMIN)
+        self._sources = [(s.token, Principal("source", s.name)) for s in settings.sources]
 
     def identify(self, authorization: str | None) -> Principal | None:
         """The caller behind an `Authorization: Bearer ...` header, or None."""
@@ -43,8 +45,8 @@ class Authenticator:
             return None
         found: Principal | None = None
         if tokens_equal(token, self._admin):
-            found = Principal(ADMIN)
-        for candidate, name in self._sources:
+            found = self._admin_principal
+        for candidate, principal in self._sources:
             if tokens_equal(token, candidate) and found is None:
-                found = Principal("source", name)
+                found = principal
         return found

@@ -7,8 +7,7 @@ and validated, and maps the outcome (or the domain error raised) to a status.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import gevent.event
 
@@ -22,9 +21,12 @@ from .wal import Wal
 Outcome = Literal["accepted", "duplicate", "shed", "rejected"]
 
 
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    """What became of one write. `payload_id` is None only for a `rejected` write."""
+class WriteResult(NamedTuple):
+    """What became of one write. `payload_id` is None only for a `rejected` write.
+
+    A named tuple: one is built per request, and a frozen dataclass costs a
+    `object.__setattr__` per field.
+    """
 
     outcome: Outcome
     payload_id: str | None

@@ -37,8 +37,12 @@ class RateMeter:
 
     def __init__(self) -> None:
         self._buckets: deque[list[float]] = deque()
+        # (second, rate): every 429 asks for the rate, and it only changes with a
+        # tick or a new second.
+        self._cached: tuple[int, float] | None = None
 
     def tick(self, n: int = 1) -> None:
+        self._cached = None
         now = math.floor(time.monotonic())
         if self._buckets and self._buckets[-1][0] == now:
             self._buckets[-1][1] += n
@@ -52,9 +56,13 @@ class RateMeter:
 
     def rate(self) -> float:
         now = math.floor(time.monotonic())
+        cached = self._cached
+        if cached is not None and cached[0] == now:
+            return cached[1]
         self._trim(now)
-        total = sum(b[1] for b in self._buckets)
-        return total / RATE_WINDOW
+        rate = sum(b[1] for b in self._buckets) / RATE_WINDOW
+        self._cached = (now, rate)
+        return rate
 
 
 class Lane:

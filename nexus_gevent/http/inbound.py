@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import falcon
@@ -53,10 +54,22 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
         raise ApiError(
             falcon.HTTP_413, "payload_too_large", f"the body exceeds {limit} bytes", details={"max_body_bytes": limit}
         )
+    if declared is not None:
+        # The common case: one read of exactly the declared length. gunicorn's body
+        # reader returns all of it, or less only when the client stopped sending.
+        data = _read_some(req.stream, declared) if declared else b""
+        if len(data) != declared:
+            raise ApiError(
+                falcon.HTTP_400,
+                "invalid_body",
+                "the body ended before its Content-Length",
+                details={"content_length": declared, "received": len(data)},
+            )
+        return data
     # Falcon's bounded_stream reads nothing without a Content-Length. A chunked body
     # has none; the server then ends the input itself (wsgi.input_terminated, which
     # gunicorn sets), so the raw stream can be read to its end.
-    stream = req.stream if declared is None and req.env.get("wsgi.input_terminated") else req.bounded_stream
+    stream = req.stream if req.env.get("wsgi.input_terminated") else req.bounded_stream
     chunks: list[bytes] = []
     left = limit + 1
     while left > 0:
@@ -125,6 +138,18 @@ def optional_header(req: falcon.Request, name: str, code: str, limit: int) -> st
     if not value or len(value) > limit or not _visible_ascii(value):
         raise ApiError(falcon.HTTP_400, code, f"{name} must be 1 to {limit} visible ASCII characters")
     return value
+
+
+@functools.lru_cache(maxsize=128)
+def _rejected_body(retry_after: int) -> bytes:
+    error = ApiError(
+        falcon.HTTP_429,
+        "queue_full",
+        "the queue is full; nothing was stored, retry after the delay",
+        retry_after=retry_after,
+        details={"durable": False},
+    )
+    return orjson.dumps(error.to_dict())
 
 
 class InboundResource:
@@ -198,15 +223,12 @@ class InboundResource:
             )
             return
         else:
-            answer_error(
-                resp,
-                ApiError(
-                    falcon.HTTP_429,
-                    "queue_full",
-                    "the queue is full; nothing was stored, retry after the delay",
-                    retry_after=result.retry_after,
-                    details={"durable": False},
-                ),
-            )
+            # The one answer that comes by the thousand when the queue is full: its
+            # body depends only on the delay, so it is built once per delay.
+            retry_after = result.retry_after or 1
+            resp.status = falcon.HTTP_429
+            resp.set_header("Retry-After", str(retry_after))
+            resp.content_type = falcon.MEDIA_JSON
+            resp.data = _rejected_body(retry_after)
             return
         resp.content_type = falcon.MEDIA_JSON
