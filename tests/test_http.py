@@ -397,6 +397,15 @@ class TestBodySize:
         small.wait_delivered([result.json["payload_id"]])
         assert orjson.loads(small.rows()[0]["payload"]) == {"chunked": True}
 
+    def test_a_body_shorter_than_its_content_length_is_400_and_stores_nothing(self, small: Node) -> None:
+        """A body that ends before its declared Content-Length (the client stopped) is 400, not stored."""
+        body = b'{"n": 1}'
+        result = small.post(body=body, extras={"CONTENT_LENGTH": str(len(body) + 10)})
+
+        error = assert_error(result, 400, "invalid_body")
+        assert error["details"] == {"content_length": len(body) + 10, "received": len(body)}
+        assert small.rows() == []
+
 
 class TestAuthentication:
     """401 without a known token, 403 for the wrong one, 404 only after authentication."""
