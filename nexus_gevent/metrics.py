@@ -116,8 +116,7 @@ def write_counters(sources: Sequence[str], policy: str) -> dict[str, tuple[Count
     creating the children up front also shows every source at 0 before its first write.
     """
     return {
-        source: (ACCEPTED.labels(source), DUPLICATES.labels(source), SHED.labels(source, policy))
-        for source in sources
+        source: (ACCEPTED.labels(source), DUPLICATES.labels(source), SHED.labels(source, policy)) for source in sources
     }
 
 

@@ -111,10 +111,15 @@ class TestSchema:
     ) -> None:
         """The first probe creates nexus_entries with the contract's columns, JSONB payload and text key."""
         dest.probe()
-        columns = dict(fetch(postgres_db_url, """
+        columns = dict(
+            fetch(
+                postgres_db_url,
+                """
             SELECT column_name, data_type FROM information_schema.columns
             WHERE table_name = 'nexus_entries'
-        """))
+        """,
+            )
+        )
         assert columns == {
             "payload_id": "text",
             "seq": "bigint",
@@ -126,19 +131,28 @@ class TestSchema:
             "delivered_at": "timestamp with time zone",
             "payload": "jsonb",
         }
-        key = fetch(postgres_db_url, """
+        key = fetch(
+            postgres_db_url,
+            """
             SELECT a.attname FROM pg_index i
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
             WHERE i.indrelid = 'nexus_entries'::regclass AND i.indisprimary
-        """)
+        """,
+        )
         assert key == [("payload_id",)]
 
     def test_paging_and_filter_indexes_exist(self, dest: PostgresDestination, postgres_db_url: str) -> None:
         """seq has a unique index, and (source, seq) and (subject, seq) are indexed for /query."""
         dest.probe()
-        indexes = {row[0] for row in fetch(postgres_db_url, """
+        indexes = {
+            row[0]
+            for row in fetch(
+                postgres_db_url,
+                """
             SELECT indexdef FROM pg_indexes WHERE tablename = 'nexus_entries'
-        """)}
+        """,
+            )
+        }
         assert any("UNIQUE" in d and "(seq)" in d for d in indexes)
         assert any("(source, seq)" in d for d in indexes)
         assert any("(subject, seq)" in d for d in indexes)
@@ -179,8 +193,11 @@ class TestSchema:
     def test_newer_schema_reads_as_unavailable(self, dest: PostgresDestination, postgres_db_url: str) -> None:
         """A database migrated by newer code is not written to, and no entry is blamed for it."""
         dest.probe()
-        fetch(postgres_db_url, "INSERT INTO nexus_schema_version (version) VALUES (%s) RETURNING version",
-              (SCHEMA_VERSION + 1,))
+        fetch(
+            postgres_db_url,
+            "INSERT INTO nexus_schema_version (version) VALUES (%s) RETURNING version",
+            (SCHEMA_VERSION + 1,),
+        )
         newer = PostgresDestination(DEST, postgres_db_url)
         try:
             with pytest.raises(DestinationUnavailable, match="newer"):
@@ -196,11 +213,14 @@ class TestWrite:
         entries = [make_entry(1, subject="s"), make_entry(2)]
         before = time.time()
         dest.write(entries)
-        rows = fetch(postgres_db_url, """
+        rows = fetch(
+            postgres_db_url,
+            """
             SELECT payload_id, source, destination, subject, idempotency_key,
                    extract(epoch FROM received_at), extract(epoch FROM delivered_at), payload
             FROM nexus_entries ORDER BY seq
-        """)
+        """,
+        )
         assert [r[:5] for r in rows] == [
             (f"{1:032x}", "default", DEST, "s", "key-1"),
             (f"{2:032x}", "default", DEST, None, "key-2"),
@@ -294,7 +314,7 @@ class TestClassifyPgError:
     @pytest.mark.parametrize(
         "statements",
         [
-            ("SELECT '{\"a\":\"\\u0000\"}'::jsonb",),
+            ('SELECT \'{"a":"\\u0000"}\'::jsonb',),
             ("SELECT 'nope'::integer",),
             ("SELECT 1 / 0",),
             ("CREATE TEMP TABLE t (k text PRIMARY KEY)", "INSERT INTO t VALUES ('a'), ('a')"),
@@ -410,7 +430,7 @@ class TestClassifyWithoutServer:
 
     def test_message_keeps_only_the_first_line(self) -> None:
         """The server's DETAIL/CONTEXT lines, which quote the payload, stay out of the message."""
-        exc = psycopg.errors.lookup("22P05")("unsupported Unicode escape sequence\nCONTEXT: {\"secret\": 1}")
+        exc = psycopg.errors.lookup("22P05")('unsupported Unicode escape sequence\nCONTEXT: {"secret": 1}')
         assert "secret" not in str(classify_pg_error(exc))
 
 
@@ -429,9 +449,7 @@ class TestOutage:
         finally:
             d.close()
 
-    def test_stopped_server_is_unavailable_and_the_same_object_recovers(
-        self, managed_postgres: PostgresServer
-    ) -> None:
+    def test_stopped_server_is_unavailable_and_the_same_object_recovers(self, managed_postgres: PostgresServer) -> None:
         """Server stopped: write and probe are unavailable; started again: the same destination writes."""
         name = managed_postgres.create_database()
         d = PostgresDestination(DEST, managed_postgres.url(name), connect_timeout=1.0)
@@ -486,11 +504,13 @@ class TestQuery:
 
     def test_filters_by_source_and_subject(self, dest: PostgresDestination) -> None:
         """`source` and `subject` narrow the rows, alone or together."""
-        dest.write([
-            make_entry(1, source="a", subject="x"),
-            make_entry(2, source="b", subject="x"),
-            make_entry(3, source="a", subject="y"),
-        ])
+        dest.write(
+            [
+                make_entry(1, source="a", subject="x"),
+                make_entry(2, source="b", subject="x"),
+                make_entry(3, source="a", subject="y"),
+            ]
+        )
 
         def ids(source: str | None = None, subject: str | None = None) -> list[int]:
             return [int(str(r["payload_id"]), 16) for r in dest.query(source=source, subject=subject)[0]]
@@ -506,7 +526,13 @@ class TestQuery:
         dest.write([entry])
         [record], _ = dest.query()
         assert set(record) == {
-            "payload_id", "source", "subject", "idempotency_key", "received_at", "delivered_at", "payload",
+            "payload_id",
+            "source",
+            "subject",
+            "idempotency_key",
+            "received_at",
+            "delivered_at",
+            "payload",
         }
         assert record["payload"] == {"nested": {"k": [1, 2]}, "u": "é"}
         assert record["received_at"] == format_timestamp(entry.received_at)
@@ -566,7 +592,12 @@ class TestGevent:
         env = {k: v for k, v in os.environ.items() if k != "PSYCOPG_WAIT_FUNC"}
         out = subprocess.run(
             [sys.executable, "-m", "tests.support.postgres_gevent_check", url, *extra],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
         return result

@@ -22,6 +22,7 @@ from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-
 from .._sqlite import create_private_file
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
+from ._combine import WriteCombiner
 from ._paging import Record, decode_cursor, format_timestamp, page, page_query
 
 _T = TypeVar("_T")
@@ -158,6 +159,7 @@ class SQLiteDestination:
         self._busy_timeout_ms = busy_timeout_ms
         self._pool = ThreadPool(1)
         self._closed = False
+        self._combiner = WriteCombiner(self._write_batch, DestinationUnavailable)
         # Touched only inside the pool's thread.
         self._conn: sqlite3.Connection | None = None
 
@@ -174,7 +176,7 @@ class SQLiteDestination:
     def write(self, entries: Sequence[Entry]) -> None:
         """Store all of `entries` in one durable transaction; a payload_id already stored is skipped."""
         if entries:
-            self._run(self._write_in_thread, list(entries))
+            self._combiner.write(entries)
 
     def probe(self) -> None:
         """Open the file if needed and run `SELECT 1`; DestinationUnavailable on any failure."""
@@ -205,12 +207,16 @@ class SQLiteDestination:
         if self._closed:
             return
         self._closed = True
+        self._combiner.fail_waiting(DestinationUnavailable(f"destination {self._name!r} is closed"))
         try:
             self._apply(self._close_in_thread)
         finally:
             self._pool.kill()
 
     # -- greenlet side -------------------------------------------------------------
+
+    def _write_batch(self, entries: list[Entry]) -> None:
+        self._run(self._write_in_thread, entries)
 
     def _run(self, fn: Callable[..., _T], *args: object) -> _T:
         if self._closed:

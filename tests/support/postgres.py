@@ -90,8 +90,15 @@ def with_dbname(url: str, dbname: str) -> str:
 class PostgresServer:
     """A PostgreSQL server for tests: URLs of its databases, and, when private, stop/start."""
 
-    def __init__(self, admin_url: str, *, data_dir: Path | None = None, bin_dir: Path | None = None,
-                 port: int | None = None, run_as: str | None = None) -> None:
+    def __init__(
+        self,
+        admin_url: str,
+        *,
+        data_dir: Path | None = None,
+        bin_dir: Path | None = None,
+        port: int | None = None,
+        run_as: str | None = None,
+    ) -> None:
         self._admin_url = admin_url
         self._data_dir = data_dir
         self._bin_dir = bin_dir
@@ -123,11 +130,27 @@ class PostgresServer:
         if run_as is not None:
             shutil.chown(base, user=run_as)
         port = free_port()
-        server = cls(f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres", data_dir=base / "data",
-                     bin_dir=bin_dir, port=port, run_as=run_as)
+        server = cls(
+            f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres",
+            data_dir=base / "data",
+            bin_dir=bin_dir,
+            port=port,
+            run_as=run_as,
+        )
         try:
-            server._run("initdb", "-D", str(server.data_dir), "-A", "trust", "-U", SUPERUSER,
-                        "-E", "UTF8", "--locale=C", "--no-sync")
+            server._run(
+                "initdb",
+                "-D",
+                str(server.data_dir),
+                "-A",
+                "trust",
+                "-U",
+                SUPERUSER,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
             server.start()
         except BaseException:
             server.destroy()
@@ -181,8 +204,19 @@ class PostgresServer:
         self._require_managed()
         settings = " ".join(f"-c {s}" for s in FAST_SETTINGS)
         options = f"-p {self._port} -k {self.data_dir.parent} -c listen_addresses=127.0.0.1 {settings}"
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir.parent / "server.log"),
-                  "-o", options, "-w", "-t", str(SERVER_TIMEOUT), "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.data_dir.parent / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            str(SERVER_TIMEOUT),
+            "start",
+        )
         self._wait_ready()
 
     def restart(self, mode: str = "fast") -> None:
@@ -212,14 +246,13 @@ class PostgresServer:
         if self._run_as is not None:
             command = ["runuser", "-u", self._run_as, "--", *command]
         # cwd: the postgres user may not be able to enter ours (e.g. /root).
-        result = subprocess.run(command, cwd=self.data_dir.parent, capture_output=True, text=True,
-                                timeout=SERVER_TIMEOUT + 30, check=False)
+        result = subprocess.run(
+            command, cwd=self.data_dir.parent, capture_output=True, text=True, timeout=SERVER_TIMEOUT + 30, check=False
+        )
         if result.returncode != 0:
             log = self.data_dir.parent / "server.log"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise PostgresUnavailable(
-                f"{program} failed ({result.returncode}): {result.stderr.strip()}\n{tail}"
-            )
+            raise PostgresUnavailable(f"{program} failed ({result.returncode}): {result.stderr.strip()}\n{tail}")
 
     def _wait_ready(self) -> None:
         import psycopg

@@ -40,6 +40,7 @@ def main(url: str) -> dict[str, object]:
     except ConfigError as exc:
         return {"error": str(exc)}
     try:
+
         def run(sql: str) -> None:
             with dest._connection() as conn:
                 conn.execute(sql.encode()).fetchall()

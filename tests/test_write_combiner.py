@@ -1,0 +1,121 @@
+"""WriteCombiner: batches that arrive during a write share the next one, and keep their own outcome."""
+
+from __future__ import annotations
+
+import gevent
+import gevent.event
+import pytest
+
+from nexus_gevent.destinations._combine import WriteCombiner
+from nexus_gevent.entry import Entry
+from nexus_gevent.errors import DestinationUnavailable, EntryRejected
+
+
+def entry(payload_id: str) -> Entry:
+    return Entry(payload_id, "default", "default", b"{}", 0.0, None, None)
+
+
+class GatedWriter:
+    """Records every write; the first one waits for `release`, so others line up behind it."""
+
+    def __init__(self, fail: set[str] | None = None, outage: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.release = gevent.event.Event()
+        self.started = gevent.event.Event()
+        self._fail = fail or set()
+        self._outage = outage
+
+    def __call__(self, entries: list[Entry]) -> None:
+        ids = [e.payload_id for e in entries]
+        self.calls.append(ids)
+        self.started.set()
+        self.release.wait()
+        if self._outage:
+            raise DestinationUnavailable("down")
+        bad = self._fail.intersection(ids)
+        if bad:
+            raise EntryRejected(f"bad entry {sorted(bad)}")
+
+
+def spawn_writes(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> list[gevent.Greenlet[..., None]]:
+    """The first batch starts writing; the others arrive while it is in progress."""
+    first = gevent.spawn(combiner.write, [entry(i) for i in batches[0]])
+    writer.started.wait(timeout=5)
+    rest = [gevent.spawn(combiner.write, [entry(i) for i in batch]) for batch in batches[1:]]
+    gevent.sleep(0)  # one turn of the loop: each runs until it waits behind the write in progress
+    writer.release.set()
+    greenlets = [first, *rest]
+    gevent.joinall(greenlets, timeout=5)
+    assert all(g.ready() for g in greenlets)
+    return greenlets
+
+
+def test_batches_arriving_during_a_write_share_the_next_write() -> None:
+    """Three batches that arrive while one is written go out together, in one call; every caller returns."""
+    writer = GatedWriter()
+    combiner = WriteCombiner(writer, DestinationUnavailable)
+
+    greenlets = spawn_writes(combiner, writer, [["a"], ["b"], ["c", "d"], ["e"]])
+
+    assert writer.calls == [["a"], ["b", "c", "d", "e"]]
+    assert all(g.successful() for g in greenlets)
+
+
+def test_a_bad_entry_fails_only_its_own_batch() -> None:
+    """When a combined write is refused, each batch is written alone and only the bad one's caller sees the error."""
+    writer = GatedWriter(fail={"c"})
+    combiner = WriteCombiner(writer, DestinationUnavailable)
+
+    first, ok_before, bad, ok_after = spawn_writes(combiner, writer, [["a"], ["b"], ["c"], ["d"]])
+
+    assert writer.calls == [["a"], ["b", "c", "d"], ["b"], ["c"], ["d"]]
+    assert [first.successful(), ok_before.successful(), ok_after.successful()] == [True, True, True]
+    assert isinstance(bad.exception, EntryRejected)
+
+
+def test_an_outage_fails_every_combined_batch_without_retrying_them_alone() -> None:
+    """An outage during a combined write answers every batch with it, and nothing is written again."""
+    writer = GatedWriter(outage=True)
+    combiner = WriteCombiner(writer, DestinationUnavailable)
+
+    greenlets = spawn_writes(combiner, writer, [["a"], ["b"], ["c"]])
+
+    assert writer.calls == [["a"], ["b", "c"]]
+    assert all(isinstance(g.exception, DestinationUnavailable) for g in greenlets)
+
+
+def test_a_caller_killed_while_waiting_does_not_stop_the_others() -> None:
+    """A waiting caller that is killed (a drain out of time) leaves the write to go on for everyone else."""
+    writer = GatedWriter()
+    combiner = WriteCombiner(writer, DestinationUnavailable)
+    first = gevent.spawn(combiner.write, [entry("a")])
+    writer.started.wait(timeout=5)
+    doomed = gevent.spawn(combiner.write, [entry("b")])
+    survivor = gevent.spawn(combiner.write, [entry("c")])
+    gevent.sleep(0)
+
+    doomed.kill()
+    writer.release.set()
+    gevent.joinall([first, survivor], timeout=5)
+
+    assert [first.successful(), survivor.successful()] == [True, True]
+    assert writer.calls == [["a"], ["b", "c"]]
+
+
+def test_waiting_batches_are_answered_when_the_destination_closes() -> None:
+    """fail_waiting answers every batch still in line, so no caller waits forever on a closed destination."""
+    writer = GatedWriter()
+    combiner = WriteCombiner(writer, DestinationUnavailable)
+    first = gevent.spawn(combiner.write, [entry("a")])
+    writer.started.wait(timeout=5)
+    waiting = gevent.spawn(combiner.write, [entry("b")])
+    gevent.sleep(0)
+
+    combiner.fail_waiting(DestinationUnavailable("closed"))
+    writer.release.set()
+    gevent.joinall([first, waiting], timeout=5)
+
+    assert first.successful()
+    with pytest.raises(DestinationUnavailable):
+        waiting.get()
+    assert writer.calls == [["a"]]
