@@ -21,8 +21,8 @@ from typing import NamedTuple
 MAGIC = b"\x00NXR"
 _HEADER = struct.Struct("<4sII")
 HEADER_SIZE = _HEADER.size + 1  # + the kind byte
-_CHECKED_FROM = 8  # the CRC covers the frame from here (length, kind, body)
-_KIND_AT = _HEADER.size
+CHECKED_FROM = 8  # the CRC covers the frame from here (length, kind, body)
+KIND_AT = _HEADER.size
 
 #: Largest body accepted on read. It bounds what a damaged length can make us
 #: believe, and sits far above the largest request body a source may send.
@@ -51,6 +51,10 @@ class Damage:
     reason: str
 
 
+#: Unpacks (magic, crc, length) from a buffer at an offset.
+unpack_header = _HEADER.unpack_from
+
+
 def encode(kind: int, body: bytes) -> bytes:
     """Frame one record."""
     checked = len(body).to_bytes(4, "little") + bytes((kind,)) + body
@@ -72,8 +76,8 @@ def _why_not(buf: bytes, pos: int) -> str:
     return "checksum mismatch"
 
 
-def scan(buf: bytes) -> Iterator[Frame | Damage]:
-    """Yield every intact frame of `buf` in order, and one Damage per damaged run.
+def scan(buf: bytes, start: int = 0) -> Iterator[Frame | Damage]:
+    """Yield every intact frame of `buf` from `start` on, in order, and one Damage per damaged run.
 
     Never raises: damage is reported and skipped, so a torn tail or a corrupt
     record in the middle costs only the bytes it covers.
@@ -81,7 +85,7 @@ def scan(buf: bytes) -> Iterator[Frame | Damage]:
     unpack = _HEADER.unpack_from
     crc32 = zlib.crc32
     view = memoryview(buf)
-    pos = 0
+    pos = start
     end = len(buf)
     damage_start = -1
     damage_reason = ""
@@ -90,11 +94,11 @@ def scan(buf: bytes) -> Iterator[Frame | Damage]:
         if pos + HEADER_SIZE <= end:
             magic, crc, length = unpack(buf, pos)
             stop = pos + HEADER_SIZE + length
-            if magic == MAGIC and length <= MAX_BODY and stop <= end and crc32(view[pos + _CHECKED_FROM : stop]) == crc:
+            if magic == MAGIC and length <= MAX_BODY and stop <= end and crc32(view[pos + CHECKED_FROM : stop]) == crc:
                 if damage_start >= 0:
                     yield Damage(damage_start, pos - damage_start, damage_reason)
                     damage_start = -1
-                yield Frame(pos, buf[pos + _KIND_AT], buf[pos + HEADER_SIZE : stop])
+                yield Frame(pos, buf[pos + KIND_AT], buf[pos + HEADER_SIZE : stop])
                 pos = stop
                 continue
         if damage_start < 0:

@@ -42,14 +42,19 @@ def encode_entry(entry: Entry) -> bytes:
 
 def decode_entry(body: bytes) -> Entry:
     """Inverse of encode_entry; raises ValueError on a body that is not an entry."""
-    cut = body.find(b"\n")
+    return decode_entry_at(body, memoryview(body), 0, len(body))
+
+
+def decode_entry_at(buf: bytes, view: memoryview, start: int, stop: int) -> Entry:
+    """decode_entry of buf[start:stop], read in place (`view` is buf's): replay decodes straight from a segment."""
+    cut = buf.find(b"\n", start, stop)
     if cut < 0:
         raise ValueError("entry record without a metadata line")
-    meta = orjson.loads(body[:cut])
+    meta = orjson.loads(view[start:cut])
     # Every field, in field order, straight through tuple.__new__: replay builds one Entry
     # per record, and the named tuple's own __new__ adds a Python call to each.
     return _new_tuple(
-        Entry, (meta["i"], meta["s"], meta["d"], body[cut + 1 :], meta["t"], meta.get("j"), meta.get("k"))
+        Entry, (meta["i"], meta["s"], meta["d"], buf[cut + 1 : stop], meta["t"], meta.get("j"), meta.get("k"))
     )
 
 

