@@ -7,6 +7,7 @@ level (psycopg decides at first import whether to cooperate with gevent).
 from __future__ import annotations
 
 import _socket
+import gc
 import signal
 import socket
 import sys
@@ -107,6 +108,19 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        """Load the app (booting the service), then freeze what it loaded out of the collector's sight.
+
+        Everything loaded by now (gunicorn, Falcon, gevent, our modules and the service)
+        lives as long as the worker. Left to the cyclic collector, every full collection
+        walked all of it and stalled each request in flight for 50-80 ms; frozen, a full
+        collection takes under a millisecond. Frozen objects are still freed by reference
+        counting.
+        """
+        super().load_wsgi()
+        gc.collect()
+        gc.freeze()
 
     def init_signals(self) -> None:
         super().init_signals()
