@@ -12,6 +12,7 @@ deadline (`wait_until` yields between looks).
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import re
@@ -259,8 +260,14 @@ def reject_blocked(harness: Harness, request: pytest.FixtureRequest) -> tuple[No
     return start_blocked(harness, request, {"NEXUS_SHED_POLICY": "reject"})
 
 
-def failing_fdatasync(fd: int) -> None:
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+_real_write = os.write
+
+
+def failing_wal_write(fd: int, data: bytes) -> int:
+    """os.write, except on the WAL's O_DSYNC segments, where the disk is full."""
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DSYNC:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _real_write(fd, data)
 
 
 class TestAccepted:
@@ -717,7 +724,7 @@ class TestWalUnavailable:
         self, node: Node, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """With the disk full, a write answers 503 wal_unavailable and leaves nothing pending in the WAL."""
-        monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+        monkeypatch.setattr(os, "write", failing_wal_write)
 
         result = node.post({"n": 1})
 
@@ -729,7 +736,7 @@ class TestWalUnavailable:
         """After the cause is gone the next write is 202 without a restart, and only it is stored."""
         # Given a write refused while the disk was full
         marker = uuid.uuid4().hex
-        monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+        monkeypatch.setattr(os, "write", failing_wal_write)
         assert node.post({"marker": marker}).status_code == 503
 
         # When the disk recovers
@@ -747,7 +754,7 @@ class TestWalUnavailable:
         self, node: Node, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """/ready answers 503 with reason wal_unwritable after a failed WAL write, and 200 after a good one."""
-        monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+        monkeypatch.setattr(os, "write", failing_wal_write)
         node.post({"n": 1})
 
         failing = node.client.simulate_get("/ready")
@@ -760,7 +767,7 @@ class TestWalUnavailable:
 
     def test_a_key_refused_by_the_wal_is_not_used_up(self, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
         """A write refused with 503 can be retried with the same Idempotency-Key and is accepted, not a duplicate."""
-        monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+        monkeypatch.setattr(os, "write", failing_wal_write)
         assert node.post({"n": 1}, headers={"Idempotency-Key": "k"}).status_code == 503
 
         monkeypatch.undo()
@@ -841,7 +848,7 @@ def _drain(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _fail_fsync(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    monkeypatch.setattr(os, "write", failing_wal_write)
 
 
 def _crash_write_path(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:

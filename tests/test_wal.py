@@ -1,13 +1,14 @@
 """The write-ahead log: framing, replay, the Wal's durability and reclaim, and directory locks.
 
 Every test works on real files under tmp_path. Faults are provoked by wrapping the
-real os.fdatasync / os.fsync (the wrapper still calls the real function unless it is
+real os.write (on the WAL's O_DSYNC segments only) / os.fsync (the wrapper still calls the real function unless it is
 told to fail), never by mocking the WAL itself.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import stat
@@ -18,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import gevent
 import orjson
@@ -132,22 +133,40 @@ class RecordingLogger:
         return [c.fields for c in self.calls if c.level == level and c.event == event]
 
 
+def is_write_through(fd: int) -> bool:
+    """Whether `fd` was opened O_DSYNC: each write returns only once it is on disk (the WAL's segments)."""
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DSYNC)
+
+
 class FaultyCall:
-    """Wraps a real os function: counts calls; after `successes` real calls, fails the next `failures` with `err`."""
+    """Wraps a real os function: counts calls; after `successes` real calls, fails the next `failures` with `err`.
+
+    With `only`, calls on a descriptor it refuses go straight to the real function,
+    uncounted (os.write serves more than the WAL).
+    """
 
     def __init__(
-        self, real: Callable[[int], None], *, successes: int = 0, failures: int = 0, err: int = errno.ENOSPC
+        self,
+        real: Callable[..., Any],
+        *,
+        successes: int = 0,
+        failures: int = 0,
+        err: int = errno.ENOSPC,
+        only: Callable[[int], bool] | None = None,
     ) -> None:
         self._real = real
+        self._only = only
         self._lock = threading.Lock()
         self.successes_left = successes
         self.failures_left = failures
         self.err = err
         self.calls = 0
-        #: Size of the file at each successful call: what that call made durable.
+        #: Size of the file after each successful call: what that call made durable.
         self.synced_sizes: list[int] = []
 
-    def __call__(self, fd: int) -> None:
+    def __call__(self, fd: int, *args: Any) -> Any:
+        if self._only is not None and not self._only(fd):
+            return self._real(fd, *args)
         with self._lock:
             self.calls += 1
             fail = self.successes_left == 0 and self.failures_left > 0
@@ -157,8 +176,9 @@ class FaultyCall:
                 self.successes_left -= 1
         if fail:
             raise OSError(self.err, os.strerror(self.err))
-        self._real(fd)
+        result = self._real(fd, *args)
         self.synced_sizes.append(os.fstat(fd).st_size)
+        return result
 
 
 class OpenWal(Protocol):
@@ -197,10 +217,10 @@ def open_wal(wal_dir: Path, log: RecordingLogger) -> Iterator[OpenWal]:
 
 
 @pytest.fixture
-def fdatasync(monkeypatch: pytest.MonkeyPatch) -> FaultyCall:
-    """Counts the WAL's data fsyncs (the real fdatasync still runs)."""
-    spy = FaultyCall(os.fdatasync)
-    monkeypatch.setattr(os, "fdatasync", spy)
+def durable_writes(monkeypatch: pytest.MonkeyPatch) -> FaultyCall:
+    """Counts the WAL's durable writes (O_DSYNC: write and fdatasync in one call); the real write still runs."""
+    spy = FaultyCall(os.write, only=is_write_through)
+    monkeypatch.setattr(os, "write", spy)
     return spy
 
 
@@ -602,20 +622,20 @@ class TestReplay:
 
 class TestWalAppend:
     def test_append_returns_only_once_the_entry_is_on_disk(
-        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+        self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall
     ) -> None:
-        """After append returns, an fdatasync covered its bytes and a fresh replay sees it, without flush or close."""
+        """Once append returns, an O_DSYNC write covered its bytes and a new replay sees it, with no flush or close."""
         wal = open_wal()
         entry = make_entry(1, subject="s", key="k")
 
         wal.append(entry)
 
-        assert fdatasync.synced_sizes == [len(entry_frame(entry))]
+        assert durable_writes.synced_sizes == [len(entry_frame(entry))]
         assert replay_directory(wal_dir).pending == {entry.payload_id: (entry, 0)}
         assert wal.is_pending(entry.payload_id)
 
     def test_append_many_makes_every_entry_durable_with_one_fsync(
-        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+        self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall
     ) -> None:
         """append_many returns once all its entries are on disk, committed together in one batch."""
         wal = open_wal()
@@ -623,15 +643,15 @@ class TestWalAppend:
 
         wal.append_many(entries)
 
-        assert fdatasync.calls == 1
+        assert durable_writes.calls == 1
         assert pending_ids(wal_dir) == [e.payload_id for e in entries]
         assert all(wal.is_pending(e.payload_id) for e in entries)
 
-    def test_append_many_of_nothing_writes_nothing(self, open_wal: OpenWal, fdatasync: FaultyCall) -> None:
+    def test_append_many_of_nothing_writes_nothing(self, open_wal: OpenWal, durable_writes: FaultyCall) -> None:
         """An empty append_many returns at once without an fsync."""
         wal = open_wal()
         wal.append_many([])
-        assert fdatasync.calls == 0
+        assert durable_writes.calls == 0
 
     def test_run_io_runs_in_the_wal_thread_and_returns_the_result(self, open_wal: OpenWal) -> None:
         """run_io(fn, *args) runs fn off the calling thread and hands back its return value."""
@@ -651,9 +671,9 @@ class TestWalAppend:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
     def test_concurrent_appends_share_fsyncs_and_all_are_durable(
-        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+        self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall
     ) -> None:
-        """Group commit: 500 concurrent appends need far fewer than 500 fdatasyncs, and every one is durable."""
+        """Group commit: 500 concurrent appends need far fewer than 500 durable writes, and every one is durable."""
         # Given a started WAL
         wal = open_wal()
         entries = [make_entry(i) for i in range(500)]
@@ -663,7 +683,7 @@ class TestWalAppend:
         gevent.joinall(greenlets, raise_error=True)
 
         # Then they were committed in a handful of batches, and every entry replays
-        assert 1 <= fdatasync.calls <= len(entries) // 10
+        assert 1 <= durable_writes.calls <= len(entries) // 10
         assert pending_ids(wal_dir) == [e.payload_id for e in entries]
         assert wal.pending_count == 500
 
@@ -705,12 +725,12 @@ class TestWalMarks:
         assert [wal.is_pending(x.payload_id) for x in e] == [False, False, True, False]
         assert wal.pending_count == 1
 
-    def test_marking_nothing_writes_nothing(self, open_wal: OpenWal, fdatasync: FaultyCall) -> None:
+    def test_marking_nothing_writes_nothing(self, open_wal: OpenWal, durable_writes: FaultyCall) -> None:
         """An empty list of ids is not a record and costs no fsync."""
         wal = open_wal()
         wal.mark_delivered([])
         wal.flush()
-        assert fdatasync.calls == 0
+        assert durable_writes.calls == 0
 
     def test_flush_waits_for_a_batch_already_being_written(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """flush() also waits for marks the flusher has already taken into the I/O thread."""
@@ -974,14 +994,14 @@ class TestWalReplayAfterStart:
 
 class TestWalFailures:
     def test_a_failed_fsync_raises_truncates_the_batch_and_the_next_append_works(
-        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall, log: RecordingLogger
+        self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall, log: RecordingLogger
     ) -> None:
-        """ENOSPC on fdatasync: append raises WalUnavailable, no trace of the batch remains, and the WAL recovers."""
-        # Given one durable entry, then a disk that fails the next fdatasync
+        """ENOSPC on the WAL write: append raises WalUnavailable, no trace of the batch stays, and the WAL recovers."""
+        # Given one durable entry, then a disk that fails the next durable write
         wal = open_wal()
         kept, lost, later = make_entry(0), make_entry(1), make_entry(2)
         wal.append(kept)
-        fdatasync.failures_left = 1
+        durable_writes.failures_left = 1
 
         # When an append hits the failure
         with pytest.raises(WalUnavailable):
@@ -1001,24 +1021,24 @@ class TestWalFailures:
         assert wal.pending_count == 2
 
     def test_every_appender_of_a_failed_batch_gets_wal_unavailable(
-        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+        self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall
     ) -> None:
         """All appends committed in a batch whose fsync failed raise; none of them replays."""
         wal = open_wal()
-        fdatasync.failures_left = 1
+        durable_writes.failures_left = 1
         greenlets = [gevent.spawn(wal.append, make_entry(i)) for i in range(5)]
         gevent.joinall(greenlets)
 
         assert all(isinstance(g.exception, WalUnavailable) for g in greenlets)
-        assert fdatasync.calls == 1
+        assert durable_writes.calls == 1
         assert pending_ids(wal_dir) == []
 
     def test_a_failed_fsync_makes_the_wal_move_to_a_fresh_segment(
-        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+        self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall
     ) -> None:
         """After a failed fsync the page cache is not trusted: the next write opens a new segment."""
         wal = open_wal()
-        fdatasync.failures_left = 1
+        durable_writes.failures_left = 1
         with pytest.raises(WalUnavailable):
             wal.append(make_entry(0))
 
@@ -1073,14 +1093,14 @@ class TestWalFailures:
         assert log.at("error", "wal_reclaim_failed")
 
     def test_a_mark_refused_by_a_failed_write_is_written_with_the_next_batch(
-        self, open_wal: OpenWal, wal_dir: Path, fdatasync: FaultyCall
+        self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall
     ) -> None:
         """A DELIVERED mark whose write failed (disk full) is not lost: the next write records it, without a restart."""
-        # Given a durable entry, and a disk that fails the next fdatasync
+        # Given a durable entry, and a disk that fails the next durable write
         wal = open_wal()
         delivered, later = make_entry(0), make_entry(1)
         wal.append(delivered)
-        fdatasync.failures_left = 1
+        durable_writes.failures_left = 1
         with gevent.Timeout(HANG_GUARD_SECONDS):
             # When its DELIVERED mark meets the failure
             wal.mark_delivered([delivered.payload_id])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import gevent
 import gevent.event
 import pytest
@@ -37,7 +39,11 @@ class GatedWriter:
             raise EntryRejected(f"bad entry {sorted(bad)}")
 
 
-def spawn_writes(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> list[gevent.Greenlet[..., None]]:
+#: Greenlet is not subscriptable at run time: the alias stays a string.
+Writes: TypeAlias = "list[gevent.Greenlet[..., None]]"
+
+
+def spawn_writes(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> Writes:
     """The first batch starts writing; the others arrive while it is in progress."""
     first = gevent.spawn(combiner.write, [entry(i) for i in batches[0]])
     writer.started.wait(timeout=5)

@@ -6,9 +6,10 @@ Python state (batches, accounting) lives on the hub. The thread returns results,
 the hub applies them.
 
 Group commit: appenders add their frame to the open batch and wait on its event.
-One flusher greenlet takes the whole batch, writes it with one write and one
-fdatasync in the thread, and wakes every appender of that batch. Appends arriving
-meanwhile form the next batch, so the batch size follows the load by itself.
+One flusher greenlet takes the whole batch, writes it with one O_DSYNC write in the
+thread (write and fdatasync in one syscall), and wakes every appender of that batch.
+Appends arriving meanwhile form the next batch, so the batch size follows the load
+by itself.
 """
 
 from __future__ import annotations
@@ -343,7 +344,12 @@ class Wal:
 
     def _open_segment(self, number: int) -> None:
         path = segment_path(self.directory, number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # O_DSYNC: each write returns once its bytes (and the file size) are on disk, the
+        # same promise as write + fdatasync, in one syscall. The I/O thread gives up the
+        # GIL around every syscall, and taking it back while the hub is busy can cost up
+        # to the interpreter's switch interval (5 ms): one syscall a batch, not two.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_DSYNC
+        fd = os.open(path, flags, 0o600)
         try:
             self._fsync_dir()
         except OSError:
@@ -364,7 +370,6 @@ class Wal:
             view = memoryview(buf)
             while view:
                 view = view[os.write(self._fd, view) :]
-            os.fdatasync(self._fd)
         except OSError:
             # Cut the partial batch off so the file ends on a whole record, and move
             # to a fresh file: after a failed fsync the page cache cannot be trusted.
