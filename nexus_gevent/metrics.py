@@ -97,7 +97,7 @@ class BatchedHistogram:
             return
         # prometheus_client has no public call to add n observations to a bucket; its
         # per-bucket values (`_buckets`, non-cumulative) and `_sum` are stable across
-        # releases, and tests/test_metrics.py checks the published text.
+        # releases; tests/test_metrics.py compares the result with observe()'s.
         buckets = self._histogram._buckets
         for index, count in enumerate(counts):
             if count:

@@ -118,7 +118,7 @@ class TestMetrics:
     """GET /metrics: Prometheus text summed over both workers, behind the admin token."""
 
     def test_accepted_and_processed_counters_equal_the_writes_summed_over_workers(self, launch: Launcher) -> None:
-        """200 accepted writes give nexus_writes_accepted_total 200, then bubblefish_queue_processing_rate_total 200."""
+        """200 accepted writes give accepted_total 200, then processing_rate_total and the WAL latency count 200."""
         # Given two workers
         server = ready(launch())
         # When eight threads write 200 entries, all accepted
@@ -143,6 +143,13 @@ class TestMetrics:
         text = scrape(server.port)
         assert metric_sum(text, "nexus_delivered_entries_total", destination="default") == WRITES
         assert metric_sum(text, "nexus_writes_shed_total") == 0
+        # ... and the WAL append latency histogram, published once a second, counts each write once
+        wait_for(
+            lambda: metric(server.port, "nexus_wal_append_latency_seconds_count") == WRITES,
+            10,
+            f"nexus_wal_append_latency_seconds_count == {WRITES}",
+            describe=lambda: scrape(server.port),
+        )
 
     def test_shed_counter_equals_the_429s_the_client_saw(self, launch: Launcher) -> None:
         """nexus_writes_shed_total equals the number of 429 answers, and accepted_total the number of 202s."""
