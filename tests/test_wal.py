@@ -560,6 +560,7 @@ class TestReplay:
             _frame.encode(records.ENTRY, b"{not json\npayload"),
             _frame.encode(records.ENTRY, b"[1, 2]\npayload"),  # JSON, but not an object
             _frame.encode(records.ENTRY, b'{"i": "x"}\npayload'),  # an object missing fields
+            _frame.encode(records.ENTRY, b'{"i": [1], "s": "a", "d": "b", "t": 1.0}\npayload'),  # an unhashable id
             _frame.encode(records.DELIVERED, b"short"),  # not a whole number of ids
             _frame.encode(records.DELIVERED, b"\xff" * 32),  # not ascii
             _frame.encode(ord("?"), b"whatever"),  # unknown kind

@@ -125,3 +125,24 @@ def test_waiting_batches_are_answered_when_the_destination_closes() -> None:
     with pytest.raises(DestinationUnavailable):
         waiting.get()
     assert writer.calls == [["a"]]
+
+
+def test_a_committer_killed_mid_write_answers_every_batch_and_the_next_write_goes_on() -> None:
+    """Killed during a write, the committer answers the batch in flight and those behind it as an outage."""
+    writer = GatedWriter()
+    combiner = WriteCombiner(writer, DestinationUnavailable)
+    in_flight = gevent.spawn(combiner.write, [entry("a")])
+    writer.started.wait(timeout=5)
+    behind = gevent.spawn(combiner.write, [entry("b")])
+    gevent.sleep(0)  # one turn of the loop: it waits behind the write in progress
+
+    assert combiner._committer is not None
+    combiner._committer.kill()
+    gevent.joinall([in_flight, behind], timeout=5)
+
+    assert isinstance(in_flight.exception, DestinationUnavailable)
+    assert isinstance(behind.exception, DestinationUnavailable)
+    # A later write starts a committer of its own and is stored.
+    writer.release.set()
+    combiner.write([entry("c")])
+    assert writer.calls[-1] == ["c"]

@@ -8,6 +8,7 @@ a tenth of a write's CPU.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import gevent
@@ -44,9 +45,10 @@ class WriteCombiner:
         """Store `entries` (with whatever else is waiting); raises this batch's error."""
         job = _Job(list(entries))
         self._waiting.append(job)
-        if self._committer is None:
+        if self._committer is None or self._committer.dead:
             # A greenlet of its own, not the caller: a caller killed while it waits
             # (a drain that ran out of time) must not take the others' writes with it.
+            # `dead` too: a greenlet killed before it ever ran skips its `finally`.
             self._committer = gevent.spawn(self._commit_waiting)
         job.done.wait()
         if job.error is not None:
@@ -70,6 +72,10 @@ class WriteCombiner:
                         _finish(unanswered, self._outage("write interrupted"))
         finally:
             self._committer = None
+            if self._waiting:
+                # Only when killed: batches that arrived during the last write would
+                # otherwise wait for a committer nobody starts.
+                self.fail_waiting(self._outage("write interrupted"))
 
     def _commit(self, jobs: list[_Job]) -> None:
         if len(jobs) > 1 and self._write_together(jobs):
@@ -97,5 +103,13 @@ class WriteCombiner:
 
 def _finish(jobs: Sequence[_Job], error: BaseException | None) -> None:
     for job in jobs:
-        job.error = error
+        # Each caller raises an exception of its own: one object raised in several
+        # greenlets would collect all their frames in one traceback.
+        job.error = _own_copy(error) if error is not None and len(jobs) > 1 else error
         job.done.set()
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    mine = copy.copy(error)
+    mine.__cause__ = error
+    return mine

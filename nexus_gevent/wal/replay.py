@@ -137,13 +137,15 @@ def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) ->
         if buf[pos + KIND_AT] == entry_kind:
             try:
                 entry = decode(buf, view, start, stop)
+                payload_id = entry[0]
+                # Inside the try: an id that is not a string (unhashable) is damage too.
+                previous = pop(payload_id, None)
             except _UNDECODABLE as exc:
                 result.damage.append(DamageReport(path, pos, length, f"undecodable: {exc}"))
                 pos = stop
                 continue
-            payload_id = entry[0]
             # Re-inserted, so that a revived entry takes its new place in WAL order.
-            if pop(payload_id, None) is not None:
+            if previous is not None:
                 revived += 1
             pending[payload_id] = (entry, number)
             entries += 1
