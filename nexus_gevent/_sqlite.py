@@ -9,16 +9,42 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import gevent.monkey
 from gevent.threadpool import ThreadPool
 
 T = TypeVar("T")
 
 #: Mode of a SQLite file the service creates: it holds payloads or keys, so the owner's only.
 PRIVATE_FILE_MODE = 0o600
+
+
+#: A real sleep for the connection's own OS thread (time.sleep is gevent's once patched).
+_thread_sleep: Callable[[float], None] = gevent.monkey.get_original("time", "sleep")
+#: Between two tries of a journal mode change that found the database locked.
+_WAL_RETRY_PAUSE = 0.01
+
+
+def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
+    """`PRAGMA journal_mode=WAL`, retried for up to `timeout_s`; returns the mode SQLite reports.
+
+    Two workers opening a new shared file at once both try to switch it to WAL, and
+    SQLite answers "database is locked" at once, without its busy handler, when
+    waiting could deadlock. Seen in CI: a worker failed to boot on it. Retrying a
+    moment later succeeds, or finds the file in WAL mode already.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() or time.monotonic() >= deadline:
+                raise
+            _thread_sleep(_WAL_RETRY_PAUSE)
 
 
 def create_private_file(path: Path) -> None:
@@ -56,7 +82,7 @@ class SQLiteThread:
             create_private_file(self._path)
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn, self._busy_timeout_ms / 1000)
             # FULL: a commit must survive power loss, not just a process crash.
             conn.execute("PRAGMA synchronous=FULL")
             self._conn = conn

@@ -327,14 +327,15 @@ class TestLyingContentLength:
         assert stored_payload(target.port, payload_id) == {"m": marker}
 
     def test_a_content_length_longer_than_the_body_then_close_is_answered_or_dropped(self, target: Target) -> None:
-        """Declared 100 bytes, sent 5, then the client stops sending: 400 invalid_json at once, nothing stored."""
+        """Declared 100 bytes, sent 5, then the client stops sending: 400 invalid_body at once, naming both sizes."""
         data = request_bytes("POST", "/inbound/default", b'{"n":', headers=auth(), content_length=100)
 
         response = raw_exchange(target.port, data, half_close=True)
 
         assert not response.timed_out
         assert response.status == 400, response.raw[:300]
-        assert_contract_error(response.status, response.headers, response.body, "invalid_json")
+        assert_contract_error(response.status, response.headers, response.body, "invalid_body")
+        assert json.loads(response.body)["details"] == {"content_length": 100, "received": 5}
 
     def test_a_silent_client_with_a_long_content_length_blocks_nobody(self, target: Target) -> None:
         """Declared 100 bytes, sent 5, then silence: the client's wait is bounded, others are served meanwhile."""

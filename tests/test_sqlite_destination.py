@@ -12,6 +12,7 @@ import gevent  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import pytest
 
+from nexus_gevent import _sqlite
 from nexus_gevent.destinations import open_destination, sqlite_path
 from nexus_gevent.destinations._paging import decode_cursor, encode_cursor
 from nexus_gevent.destinations.sqlite import SCHEMA_VERSION, SQLiteDestination, classify_sqlite_error
@@ -462,3 +463,47 @@ class TestQuery:
         """limit=0 raises ValueError rather than returning an empty page with a cursor."""
         with pytest.raises(ValueError):
             dest.query(limit=0)
+
+
+class TestEnableWal:
+    """Two workers opening a new shared file race to switch it to WAL; the loser retries instead of failing."""
+
+    def test_a_locked_journal_mode_change_is_retried_until_the_lock_goes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """SQLite answers "database is locked" at once; enable_wal tries again and ends in WAL mode."""
+        path = tmp_path / "shared.db"
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        opener = sqlite3.connect(path, isolation_level=None, timeout=0)
+        pauses: list[float] = []
+
+        def pause(seconds: float) -> None:
+            # The other worker finishes its own switch while this one waits.
+            pauses.append(seconds)
+            if holder.in_transaction:
+                holder.execute("COMMIT")
+
+        monkeypatch.setattr(_sqlite, "_thread_sleep", pause)
+        try:
+            assert _sqlite.enable_wal(opener, timeout_s=5) == "wal"
+        finally:
+            opener.close()
+            holder.close()
+        assert len(pauses) == 1
+
+    def test_a_lock_that_outlasts_the_timeout_is_raised(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Past the timeout the "database is locked" error reaches the caller: a worker does not wait forever."""
+        path = tmp_path / "shared.db"
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN EXCLUSIVE")
+        opener = sqlite3.connect(path, isolation_level=None, timeout=0)
+        monkeypatch.setattr(_sqlite, "_thread_sleep", lambda seconds: None)
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                _sqlite.enable_wal(opener, timeout_s=0.05)
+        finally:
+            opener.close()
+            holder.close()

@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 
 from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-ignore]
 
-from .._sqlite import create_private_file
+from .._sqlite import create_private_file, enable_wal
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
 from ._combine import WriteCombiner
@@ -333,8 +333,8 @@ def _open(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
+        mode = enable_wal(conn, busy_timeout_ms / 1000)
+        if mode.lower() != "wal":
             raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
         # FULL, not WAL's usual NORMAL: NORMAL may lose the last commits on power loss,
         # and a commit must be durable before the WAL marks its entries DELIVERED.
