@@ -43,14 +43,19 @@ class GatedWriter:
 Writes: TypeAlias = "list[gevent.Greenlet[..., None]]"
 
 
-def spawn_writes(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> Writes:
-    """The first batch starts writing; the others arrive while it is in progress."""
+def line_up(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> Writes:
+    """The first batch starts writing (and is held there); the others then wait behind it."""
     first = gevent.spawn(combiner.write, [entry(i) for i in batches[0]])
     writer.started.wait(timeout=5)
     rest = [gevent.spawn(combiner.write, [entry(i) for i in batch]) for batch in batches[1:]]
     gevent.sleep(0)  # one turn of the loop: each runs until it waits behind the write in progress
+    return [first, *rest]
+
+
+def spawn_writes(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> Writes:
+    """The first batch starts writing; the others arrive while it is in progress; all are let through."""
+    greenlets = line_up(combiner, writer, batches)
     writer.release.set()
-    greenlets = [first, *rest]
     gevent.joinall(greenlets, timeout=5)
     assert all(g.ready() for g in greenlets)
     return greenlets
@@ -94,11 +99,7 @@ def test_a_caller_killed_while_waiting_does_not_stop_the_others() -> None:
     """A waiting caller that is killed (a drain out of time) leaves the write to go on for everyone else."""
     writer = GatedWriter()
     combiner = WriteCombiner(writer, DestinationUnavailable)
-    first = gevent.spawn(combiner.write, [entry("a")])
-    writer.started.wait(timeout=5)
-    doomed = gevent.spawn(combiner.write, [entry("b")])
-    survivor = gevent.spawn(combiner.write, [entry("c")])
-    gevent.sleep(0)
+    first, doomed, survivor = line_up(combiner, writer, [["a"], ["b"], ["c"]])
 
     doomed.kill()
     writer.release.set()
@@ -112,10 +113,7 @@ def test_waiting_batches_are_answered_when_the_destination_closes() -> None:
     """fail_waiting answers every batch still in line, so no caller waits forever on a closed destination."""
     writer = GatedWriter()
     combiner = WriteCombiner(writer, DestinationUnavailable)
-    first = gevent.spawn(combiner.write, [entry("a")])
-    writer.started.wait(timeout=5)
-    waiting = gevent.spawn(combiner.write, [entry("b")])
-    gevent.sleep(0)
+    first, waiting = line_up(combiner, writer, [["a"], ["b"]])
 
     combiner.fail_waiting(DestinationUnavailable("closed"))
     writer.release.set()
@@ -131,10 +129,7 @@ def test_a_committer_killed_mid_write_answers_every_batch_and_the_next_write_goe
     """Killed during a write, the committer answers the batch in flight and those behind it as an outage."""
     writer = GatedWriter()
     combiner = WriteCombiner(writer, DestinationUnavailable)
-    in_flight = gevent.spawn(combiner.write, [entry("a")])
-    writer.started.wait(timeout=5)
-    behind = gevent.spawn(combiner.write, [entry("b")])
-    gevent.sleep(0)  # one turn of the loop: it waits behind the write in progress
+    in_flight, behind = line_up(combiner, writer, [["a"], ["b"]])
 
     assert combiner._committer is not None
     combiner._committer.kill()
