@@ -22,7 +22,6 @@ import sqlite3
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,13 +48,13 @@ from tests.support.proc import (
     HOST,
     TOKEN,
     Gunicorn,
+    Launcher,
     Ledger,
     Writers,
     admin_headers,
     exchange,
     post_headers,
     row_problems,
-    start_gunicorn,
     wait_for,
 )
 
@@ -81,24 +80,6 @@ TIMED_WRITES = 100
 ISOLATED_DELIVERY_BOUND = 2.0
 #: A JSON text that JSON allows but jsonb refuses (SQLSTATE 22P05).
 POISON_BODY = b'{"a": "x\\u0000y"}'
-
-Launch = Callable[..., Gunicorn]
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Starts gunicorns on tmp_path/data (one log file each); kills whatever is left at teardown."""
-    started: list[Gunicorn] = []
-    numbers = itertools.count()
-
-    def _launch(*, workers: int = 2, env: dict[str, str] | None = None) -> Gunicorn:
-        log_path = tmp_path / f"gunicorn-{next(numbers)}.log"
-        return start_gunicorn(tmp_path / "data", log_path, workers=workers, env=env, registry=started)
-
-    yield _launch
-    for server in started:
-        server.cleanup()
-
 
 # -- reading PostgreSQL ----------------------------------------------------------------
 
@@ -340,7 +321,7 @@ class TestOutage:
     """PostgreSQL stopped under load: delivery pauses and resumes, and no healthy entry is dead-lettered."""
 
     def test_outage_under_load_pauses_delivery_then_stores_every_ack_once_without_dead_letters(
-        self, launch: Launch, postgres_db_url: str, managed_postgres: PostgresServer
+        self, launch: Launcher, postgres_db_url: str, managed_postgres: PostgresServer
     ) -> None:
         """PostgreSQL down 10 s under writes, 2 workers: /ready 503 then 200, acks stored once, no dead letter."""
         # Given two workers delivering to PostgreSQL, with retries that would dead-letter an entry within a second
@@ -389,7 +370,7 @@ class TestOutage:
         assert server.events("destination_available"), server.log_tail()
 
     def test_outage_accepts_writes_while_the_queue_has_room_then_sheds_durably_and_delivers_all(
-        self, launch: Launch, postgres_db_url: str, managed_postgres: PostgresServer
+        self, launch: Launcher, postgres_db_url: str, managed_postgres: PostgresServer
     ) -> None:
         """Queue of 50, PostgreSQL down: 202 until it is full, then 429 with payload_id; all stored once after."""
         # Given one worker with a queue of 50 entries delivering to PostgreSQL, which is stopped
@@ -475,7 +456,7 @@ class TestIsolation:
     """One destination's outage does not hold back another destination's deliveries (contract promise 4)."""
 
     def test_sqlite_destination_keeps_its_pace_while_postgres_is_down(
-        self, launch: Launch, tmp_path: Path, postgres_db_url: str, managed_postgres: PostgresServer
+        self, launch: Launcher, tmp_path: Path, postgres_db_url: str, managed_postgres: PostgresServer
     ) -> None:
         """With "pg" down, each "lite" write is stored within 2 s, near its usual pace; "pg" writes get 202 and wait."""
         # Given one worker with two destinations, PostgreSQL "pg" and SQLite "lite", each with a source

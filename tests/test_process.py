@@ -9,23 +9,20 @@ once, and no row the client did not send.
 from __future__ import annotations
 
 import http.client
-import itertools
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.support.proc import (
     HOST,
     Gunicorn,
+    Launcher,
     Ledger,
     Writers,
     count_rows,
     exactly_once_problems,
     has_loaded,
     post_headers,
-    start_gunicorn,
     wait_delivered,
     wait_for,
 )
@@ -41,23 +38,6 @@ ACKS_BEFORE_KILL = 300
 
 #: Worker recycles (max_requests) the recycling test waits for.
 RECYCLES = 4
-
-Launch = Callable[..., Gunicorn]
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Starts gunicorns on tmp_path/data (one log file each); kills whatever is left at teardown."""
-    started: list[Gunicorn] = []
-    numbers = itertools.count()
-
-    def _launch(*, workers: int = 2, env: dict[str, str] | None = None) -> Gunicorn:
-        log_path = tmp_path / f"gunicorn-{next(numbers)}.log"
-        return start_gunicorn(tmp_path / "data", log_path, workers=workers, env=env, registry=started)
-
-    yield _launch
-    for server in started:
-        server.cleanup()
 
 
 def drained_wal_dirs(server: Gunicorn) -> dict[str, bool]:
@@ -79,7 +59,7 @@ def assert_exactly_once(ledger: Ledger, server: Gunicorn, *, responses_may_be_lo
     )
 
 
-def restart_and_stop(launch: Launch, ledger: Ledger) -> Gunicorn:
+def restart_and_stop(launch: Launcher, ledger: Ledger) -> Gunicorn:
     """Start again on the same data dir, wait until replay delivered every ack, and SIGTERM it."""
     server = launch()
     server.wait_ready()
@@ -92,7 +72,7 @@ def restart_and_stop(launch: Launch, ledger: Ledger) -> Gunicorn:
 class TestGracefulStop:
     """SIGTERM, SIGINT and max_requests: the workers drain before they exit."""
 
-    def test_sigterm_during_writes_delivers_every_acknowledged_entry_exactly_once(self, launch: Launch) -> None:
+    def test_sigterm_during_writes_delivers_every_acknowledged_entry_exactly_once(self, launch: Launcher) -> None:
         """SIGTERM while 8 threads write 1,000 entries: the master exits 0, both workers drain, each ack is one row."""
         # Given two workers taking writes from eight threads
         server = launch()
@@ -110,7 +90,7 @@ class TestGracefulStop:
         # ... and a restart finds nothing PENDING that was never acknowledged
         assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
 
-    def test_sigterm_with_idle_keepalive_connections_still_drains_promptly(self, launch: Launch) -> None:
+    def test_sigterm_with_idle_keepalive_connections_still_drains_promptly(self, launch: Launcher) -> None:
         """SIGTERM with idle keep-alive connections open: workers close them, drain and exit before graceful_timeout."""
         # Given entries written over keep-alive connections that stay open and idle
         server = launch()
@@ -135,7 +115,7 @@ class TestGracefulStop:
         assert_both_workers_drained(server)
         assert_exactly_once(ledger, server)
 
-    def test_sigterm_while_a_worker_boots_is_not_lost(self, launch: Launch) -> None:
+    def test_sigterm_while_a_worker_boots_is_not_lost(self, launch: Launcher) -> None:
         """SIGTERM while a replacement worker is still booting: it stops and drains too, before graceful_timeout."""
         # Given two workers with delivered entries, one of which is killed
         server = launch()
@@ -155,7 +135,7 @@ class TestGracefulStop:
         # ... and what the victim left behind is delivered by the next start, once
         assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
 
-    def test_sigterm_while_a_worker_imports_the_app_is_not_lost(self, launch: Launch) -> None:
+    def test_sigterm_while_a_worker_imports_the_app_is_not_lost(self, launch: Launcher) -> None:
         """SIGTERM while a replacement worker imports wsgi.py: it boots, drains and exits, and the master exits 0."""
         # Given two workers, one of which is killed
         server = launch()
@@ -175,7 +155,7 @@ class TestGracefulStop:
         assert seconds < GRACEFUL_TIMEOUT / 2, f"took {seconds:.1f} s\n{server.log_tail()}"
         assert_both_workers_drained(server)
 
-    def test_sigint_drains_through_the_worker_exit_backstop(self, launch: Launch) -> None:
+    def test_sigint_drains_through_the_worker_exit_backstop(self, launch: Launcher) -> None:
         """SIGINT to the master (workers get SIGQUIT): worker_exit drains, and the restart delivers the rest, once."""
         # Given two workers taking writes
         server = launch()
@@ -196,7 +176,7 @@ class TestGracefulStop:
         # ... which delivers them: every ack exactly once, and nothing unacknowledged
         assert_exactly_once(writers.ledger, restart_and_stop(launch, writers.ledger))
 
-    def test_max_requests_recycling_delivers_every_acknowledged_entry_exactly_once(self, launch: Launch) -> None:
+    def test_max_requests_recycling_delivers_every_acknowledged_entry_exactly_once(self, launch: Launcher) -> None:
         """Workers recycled every 50 requests under continuous writes: each recycle drains, each ack is one row."""
         # Given two workers that restart themselves after 50 requests
         server = launch(env={"NEXUS_MAX_REQUESTS": "50"})
@@ -226,7 +206,7 @@ class TestCrash:
 
     @pytest.mark.parametrize("round_", range(5))
     def test_kill9_of_master_and_workers_then_restart_delivers_every_ack_exactly_once(
-        self, launch: Launch, round_: int
+        self, launch: Launcher, round_: int
     ) -> None:
         """kill -9 of the master and both workers mid-write, then a restart: every ack is stored once, nothing else."""
         # Given two workers under continuous writes
@@ -250,7 +230,7 @@ class TestCrash:
         # ... exactly once; rows without an ack are only requests whose response the kill lost
         assert_exactly_once(writers.ledger, second, responses_may_be_lost=True)
 
-    def test_worker_killed_alone_is_replaced_and_its_wal_delivered(self, launch: Launch) -> None:
+    def test_worker_killed_alone_is_replaced_and_its_wal_delivered(self, launch: Launcher) -> None:
         """kill -9 of one worker: the master's replacement takes its WAL directory over and delivers it, once."""
         # Given two workers under continuous writes
         server = launch()

@@ -54,6 +54,13 @@ def decode_cursor(cursor: str) -> int:
     return seq
 
 
+def page_start(limit: int, after: str | None) -> int:
+    """The `seq` a page starts after (0 for the first page); ValueError for a bad limit or cursor."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    return decode_cursor(after) if after is not None else 0
+
+
 def page_query(
     mark: str, payload: str, *, destination: str, after_seq: int, source: str | None, subject: str | None, limit: int
 ) -> tuple[str, list[object]]:

@@ -26,7 +26,7 @@ from psycopg.rows import TupleRow
 
 from ..entry import Entry
 from ..errors import ConfigError, DestinationError, DestinationUnavailable, EntryRejected
-from ._paging import Record, decode_cursor, page, page_query
+from ._paging import Record, page, page_query, page_start
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -328,9 +328,7 @@ class PostgresDestination:
 
         `next` is None when no row follows the page. A malformed `after` raises ValueError.
         """
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        after_seq = decode_cursor(after) if after is not None else 0
+        after_seq = page_start(limit, after)
         sql, params = page_query(
             "%s",
             "payload::text",

@@ -23,7 +23,7 @@ from .._sqlite import create_private_file, enable_wal
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
 from ._combine import WriteCombiner
-from ._paging import Record, decode_cursor, format_timestamp, page, page_query
+from ._paging import Record, format_timestamp, page, page_query, page_start
 
 _T = TypeVar("_T")
 
@@ -193,9 +193,7 @@ class SQLiteDestination:
 
         `next` is None when no row follows the page. A malformed `after` raises ValueError.
         """
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        after_seq = decode_cursor(after) if after is not None else 0
+        after_seq = page_start(limit, after)
         return self._run(self._query_in_thread, source, subject, limit, after_seq)
 
     def count(self) -> int:
