@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .entry import Entry
-from .ports import Destination
+from .queue import Destination
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
@@ -29,7 +29,6 @@ import gevent.queue
 from .backoff import compute_backoff
 from .entry import Entry
 from .errors import DestinationUnavailable, LoadShed, PayloadDecodeError, QueueClosed
-from .ports import Destination, WalUpdater
 
 #: Spec: defaultSize.
 DEFAULT_SIZE = 10_000
@@ -48,6 +47,48 @@ DEFAULT_BATCH_MAX = 256
 #: Probing an unavailable destination: first wait, and the cap of its doubling.
 PROBE_INITIAL = 0.2
 PROBE_MAX = 5.0
+
+
+# The queue knows what lies below it only through these two protocols, so a test
+# double, SQLite or PostgreSQL can stand behind it without the queue knowing.
+
+
+class Destination(Protocol):
+    """Where entries are stored for good. Implementations must be idempotent on payload_id."""
+
+    @property
+    def name(self) -> str:
+        """The destination's configured name."""
+        ...
+
+    def write(self, entries: Sequence[Entry]) -> None:
+        """Store all of `entries` in one transaction, durably, or none of them.
+
+        Cooperative: may block the calling greenlet, never the hub.
+        Raises DestinationUnavailable when the destination cannot be reached and
+        any other exception when the batch itself was refused.
+        """
+        ...
+
+    def probe(self) -> None:
+        """Return when the destination answers; raise DestinationUnavailable otherwise."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads."""
+        ...
+
+
+class WalUpdater(Protocol):
+    """How the queue records what became of an entry."""
+
+    def mark_delivered(self, payload_ids: Sequence[str]) -> None:
+        """Record that these entries are durably stored in their destination."""
+        ...
+
+    def mark_permanent_failure(self, entry: Entry, error: str, attempts: int) -> None:
+        """Record that `entry` is a dead letter; keep its data so it can be listed and retried."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

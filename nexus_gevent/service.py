@@ -27,8 +27,7 @@ from .errors import DestinationUnavailable
 from .idempotency import IdempotencyIndex
 from .ingest import Ingest
 from .lane import Lane, RateMeter
-from .ports import Destination
-from .queue import Queue, QueueConfig
+from .queue import Destination, Queue, QueueConfig
 from .settle import Settlement
 from .wal import DirLock, ReplayResult, Wal, claim
 

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from ..errors import ConfigError
-from ..ports import Destination
+from ..queue import Destination
 from .sqlite import SQLiteDestination
 
-__all__ = ["SQLiteDestination", "open_destination", "sqlite_path"]
+__all__ = ["Destination", "Queryable", "SQLiteDestination", "open_destination", "sqlite_path"]
 
 _SQLITE_PREFIX = "sqlite:///"
+
+
+class Queryable(Protocol):
+    """A destination that can list what it stored, for GET /query/{destination}."""
+
+    def query(
+        self, source: str | None = None, subject: str | None = None, limit: int = 50, after: str | None = None
+    ) -> tuple[list[dict[str, object]], str | None]:
+        """Records oldest first, and the cursor of the next page (None at the end).
+
+        Raises ValueError for a malformed cursor.
+        """
+        ...
 
 
 def sqlite_path(url: str) -> str:

@@ -9,8 +9,8 @@ import orjson
 
 from ..auth import Authenticator
 from ..config import Settings
+from ..destinations import Queryable
 from ..errors import DestinationUnavailable
-from ..ports import Queryable
 from .errors import ApiError
 
 DEFAULT_LIMIT = 50
