@@ -48,18 +48,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 from .logs import parse_level
+from .queue import DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, or_default
+from .queue import DEFAULT_SIZE as DEFAULT_QUEUE_SIZE
 from .tokens import ensure_private_dir, load_or_create_secret
+from .wal import DEFAULT_SEGMENT_BYTES
 
-#: Contract default for the in-memory queue's capacity.
-DEFAULT_QUEUE_SIZE = 10_000
 #: A poison entry's retries (its backoff sleeps) hold one delivery greenlet;
 #: more than one keeps the line moving behind it, and four overlaps destination
 #: round trips without crowding SQLite's single writer.
 DEFAULT_QUEUE_WORKERS = 4
-#: Contract default: delivery attempts before PERMANENT_FAILURE.
-DEFAULT_MAX_ATTEMPTS = 5
-#: Contract default: seconds before the first retry, doubling after.
-DEFAULT_INITIAL_BACKOFF = 1.0
 #: Fits inside gunicorn's graceful_timeout (ends in SIGKILL) and heartbeat
 #: timeout (ends in SIGABRT), both 30 s by default, leaving 10 s to close the
 #: WAL and pools (gunicorn.conf.py keeps both at this plus 10 s).
@@ -68,9 +65,6 @@ DEFAULT_DRAIN_TIMEOUT = 20.0
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 #: A day: longer than any client's retry loop is expected to last.
 DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
-#: Large enough that rotation is rare, small enough that reclaiming one settled
-#: segment frees space soon.
-DEFAULT_WAL_SEGMENT_BYTES = 64 * 1024 * 1024
 
 DEFAULT_NAME = "default"
 SECRETS_DIRNAME = "secrets"
@@ -157,7 +151,7 @@ class Settings:
     log_level: str = "INFO"
     metrics_public: bool = False
     idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
-    wal_segment_bytes: int = DEFAULT_WAL_SEGMENT_BYTES
+    wal_segment_bytes: int = DEFAULT_SEGMENT_BYTES
     #: Token files this load generated or read, so the service can log where
     #: a token is kept (never the token itself).
     generated_secrets: tuple[Path, ...] = ()
@@ -205,7 +199,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     drain_timeout = layers.number("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
     max_body_bytes = layers.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
     idempotency_window = layers.number("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
-    wal_segment_bytes = layers.integer("wal_segment_bytes", DEFAULT_WAL_SEGMENT_BYTES, minimum=1)
+    wal_segment_bytes = layers.integer("wal_segment_bytes", DEFAULT_SEGMENT_BYTES, minimum=1)
     shed_policy = _shed_policy(layers)
     log_level = _log_level(layers)
     metrics_public = layers.flag("metrics_public", False)
@@ -233,9 +227,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         sources=tuple(resolved),
         destinations=tuple(destinations),
         admin_token=admin_token,
-        # Zero or less means "unset" for these two, as for the queue itself.
-        queue_size=queue_size if queue_size > 0 else DEFAULT_QUEUE_SIZE,
-        queue_workers=queue_workers if queue_workers > 0 else DEFAULT_QUEUE_WORKERS,
+        queue_size=or_default(queue_size, DEFAULT_QUEUE_SIZE),
+        queue_workers=or_default(queue_workers, DEFAULT_QUEUE_WORKERS),
         max_attempts=max_attempts,
         initial_backoff=initial_backoff,
         drain_timeout=drain_timeout,

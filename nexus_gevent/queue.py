@@ -49,6 +49,11 @@ PROBE_INITIAL = 0.2
 PROBE_MAX = 5.0
 
 
+def or_default(value: int, default: int) -> int:
+    """The spec's rule for a size or a count: zero or less means the default."""
+    return value if value > 0 else default
+
+
 # The queue knows what lies below it only through these two protocols, so a test
 # double, SQLite or PostgreSQL can stand behind it without the queue knowing.
 
@@ -122,8 +127,8 @@ class Queue:
             raise TypeError("queue: destination must not be None")
         if updater is None:
             raise TypeError("queue: WAL updater must not be None")
-        self._size = config.size if config.size > 0 else DEFAULT_SIZE
-        workers = config.workers if config.workers > 0 else DEFAULT_WORKERS
+        self._size = or_default(config.size, DEFAULT_SIZE)
+        workers = or_default(config.workers, DEFAULT_WORKERS)
         self._cfg = config
         self._log = logger.bind(destination=destination.name)
         self._dest = destination

@@ -14,7 +14,6 @@ import pytest
 
 from nexus_gevent.config import (
     DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_QUEUE_SIZE,
     DEFAULT_QUEUE_WORKERS,
     DestinationSettings,
     Settings,
@@ -22,6 +21,7 @@ from nexus_gevent.config import (
     load_settings,
 )
 from nexus_gevent.errors import ConfigError
+from nexus_gevent.queue import DEFAULT_SIZE as DEFAULT_QUEUE_SIZE
 
 #: gunicorn's graceful_timeout and heartbeat timeout (both 30 s by default).
 GUNICORN_TIMEOUT = 30.0
