@@ -21,9 +21,9 @@ from pathlib import Path  # noqa: E402
 
 from gevent.socket import wait_read  # type: ignore[import-untyped, unused-ignore]  # noqa: E402
 
+from nexus_gevent import lifecycle  # noqa: E402
 from nexus_gevent.config import load_settings  # noqa: E402
 from nexus_gevent.logs import configure_logging, get_logger  # noqa: E402
-from nexus_gevent.service import Service  # noqa: E402
 
 # Made-up tokens: nothing listens for HTTP in this process.
 BENCH_TOKEN = "bench-delivery-source-token"  # noqa: S105
@@ -45,7 +45,7 @@ def main(data_dir: Path, url: str) -> None:
             "NEXUS_LOG_LEVEL": "WARNING",
         }
     )
-    service = Service(settings, get_logger("bench"))
+    service = lifecycle.assemble(settings, get_logger("bench"))
     t0 = time.time()
     service.start()
     emit(event="started", t0=t0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import os
 from typing import NamedTuple
 
@@ -11,16 +10,8 @@ import orjson
 from .errors import PayloadDecodeError
 
 
-class Status(enum.Enum):
-    """The WAL states of an entry (the original's names)."""
-
-    PENDING = "PENDING"
-    DELIVERED = "DELIVERED"
-    PERMANENT_FAILURE = "PERMANENT_FAILURE"
-
-
 def new_payload_id() -> str:
-    """A fresh payload id: 32 lowercase hex digits (contract)."""
+    """A fresh payload id: 32 lowercase hex digits, as the API documents."""
     # 128 random bits, as uuid4 has, without building a UUID object per request.
     return os.urandom(16).hex()
 

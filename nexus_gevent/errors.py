@@ -42,7 +42,7 @@ class DestinationUnavailable(DestinationError):
     """The destination cannot be reached; the entry is not at fault.
 
     The queue pauses delivery and probes instead of using up attempts
-    (contract, durability promise 3).
+    (an outage must never turn healthy entries into dead letters).
     """
 
 

@@ -7,15 +7,16 @@ and validated, and maps the outcome (or the domain error raised) to a status.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import gevent.event
 
 from . import metrics
+from .backlog import Backlog
 from .entry import Entry, new_payload_id
-from .errors import QueueClosed, WalUnavailable
+from .errors import WalUnavailable
 from .idempotency import IdempotencyIndex
-from .lane import Lane
+from .logs import Logger
 from .wal import Wal
 
 Outcome = Literal["accepted", "duplicate", "shed", "rejected"]
@@ -34,13 +35,13 @@ class WriteResult(NamedTuple):
 
 
 class Ingest:
-    """Makes one entry durable and hands it to its destination's lane."""
+    """Makes one entry durable and hands it to its destination's backlog."""
 
     def __init__(
-        self, wal: Wal, lanes: dict[str, Lane], index: IdempotencyIndex, *, shed_policy: str, logger: Any
+        self, wal: Wal, backlogs: dict[str, Backlog], index: IdempotencyIndex, *, shed_policy: str, logger: Logger
     ) -> None:
         self._wal = wal
-        self._lanes = lanes
+        self._backlogs = backlogs
         self._index = index
         self._reject = shed_policy == "reject"
         self._log = logger
@@ -52,6 +53,15 @@ class Ingest:
         self, source: str, destination: str, payload: bytes, *, subject: str | None, key: str | None
     ) -> WriteResult:
         """Accept one entry; raises WalUnavailable when it could not be made durable."""
+        try:
+            return self._write_once(source, destination, payload, subject, key)
+        except WalUnavailable:
+            metrics.WAL_FAILURES.inc()
+            raise
+
+    def _write_once(
+        self, source: str, destination: str, payload: bytes, subject: str | None, key: str | None
+    ) -> WriteResult:
         if key is None:
             return self._write(source, destination, payload, subject, None)
         owner = self._index.lookup(source, key)
@@ -80,14 +90,14 @@ class Ingest:
     def _write(
         self, source: str, destination: str, payload: bytes, subject: str | None, key: str | None
     ) -> WriteResult:
-        lane = self._lanes[destination]
+        backlog = self._backlogs[destination]
         reserved = False
         if self._reject:
             # Under `reject`, nothing may be written for a write we will shed, so the
             # slot is held before the WAL append instead of checked after it.
-            reserved = lane.reserve()
+            reserved = backlog.reserve()
             if not reserved:
-                return WriteResult("rejected", None, lane.retry_after())
+                return WriteResult("rejected", None, backlog.retry_after())
         entry = Entry(
             payload_id=new_payload_id(),
             source=source,
@@ -106,23 +116,19 @@ class Ingest:
                 if owner != entry.payload_id:
                     self._wal.mark_discarded([entry.payload_id])
                     if reserved:
-                        lane.release()
+                        backlog.reservations.release()
                     return WriteResult("duplicate", owner)
         except BaseException:
             if reserved:
-                lane.release()
+                backlog.reservations.release()
             raise
-        try:
-            queued = lane.offer(entry, reserved=reserved)
-        except QueueClosed:
-            # The drain began while the append waited for its fsync. The entry is durable
-            # and stays PENDING in this WAL directory, which the next worker to take it
-            # over delivers: that is an acknowledgement. A 503 would invite a retry, and
-            # the retry would be stored a second time.
+        # A drain that began while the append waited for its fsync leaves the entry
+        # PENDING in this WAL directory, which the next worker to take it over delivers:
+        # that is an acknowledgement too (Backlog.offer answers True). A 503 would invite
+        # a retry, and the retry would be stored a second time.
+        if backlog.offer(entry, reserved=reserved):
             return WriteResult("accepted", entry.payload_id)
-        if queued:
-            return WriteResult("accepted", entry.payload_id)
-        return WriteResult("shed", entry.payload_id, lane.retry_after())
+        return WriteResult("shed", entry.payload_id, backlog.retry_after())
 
     def _claim(self, source: str, key: str, entry: Entry) -> str:
         try:

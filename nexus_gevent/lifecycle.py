@@ -2,19 +2,32 @@
 
 `boot` runs in each gunicorn worker after gevent's monkey-patching (wsgi.py is
 imported then), so the WAL lock, the threads and the greenlets all belong to the
-worker. `shutdown` is the once-guarded drain every exit path calls.
+worker. `assemble` builds every part complete, in dependency order; `shutdown` is
+the once-guarded drain every exit path calls.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
 
 import falcon
 
+from . import datadir, metrics
+from .backlog import Backlog
 from .config import Settings, load_settings
+from .deadletters import DeadLetterStore
+from .destinations import open_destination
+from .errors import DestinationUnavailable
 from .http.app import create_app
-from .logs import configure_logging, get_logger
-from .service import Service
+from .idempotency import IdempotencyIndex
+from .ingest import Ingest
+from .logs import Logger, configure_logging, get_logger
+from .outcomes import Outcomes
+from .queue import Destination, Queue, QueueConfig
+from .retry_after import RateMeter
+from .service import Parts, Service
+from .wal import Wal, claim
 
 _service: Service | None = None
 
@@ -27,10 +40,58 @@ def boot(settings: Settings | None = None) -> falcon.App[falcon.Request, falcon.
     log = get_logger("nexus_gevent")
     for path in settings.generated_secrets:
         log.debug("secret_file", path=str(path))
-    service = Service(settings, log)
+    service = assemble(settings, log)
     service.start()
     _service = service
     return create_app(service, log)
+
+
+def assemble(settings: Settings, logger: Logger) -> Service:
+    """Build one worker's parts, complete: WAL first, then stores, destinations, queues and ingest.
+
+    The WAL directory is claimed and opened for appends before anything else, so a
+    write can be made durable as soon as the app serves; replay comes later, in
+    Service.start.
+    """
+    lock = claim(datadir.wal_root(settings.data_dir))
+    log = logger.bind(wal_dir=lock.path.name)
+    wal = Wal(lock.path, segment_bytes=settings.wal_segment_bytes, logger=log)
+    wal.start()
+    dead_letters = DeadLetterStore(datadir.dead_letters_file(settings.data_dir))
+    index = IdempotencyIndex(datadir.idempotency_file(settings.data_dir), window=settings.idempotency_window)
+    outcomes = Outcomes(wal, dead_letters)
+    destinations: dict[str, Destination] = {}
+    backlogs: dict[str, Backlog] = {}
+    for dest in settings.destinations:
+        destination = open_destination(dest.name, dest.url)
+        destinations[dest.name] = destination
+        meter = RateMeter()
+        queue = Queue(
+            QueueConfig(
+                size=settings.queue_size,
+                workers=settings.queue_workers,
+                max_attempts=settings.max_attempts,
+                initial_backoff=settings.initial_backoff,
+                on_processed=_counting(meter),
+            ),
+            log,
+            metrics.MeteredDestination(destination, DestinationUnavailable),
+            outcomes,
+        )
+        backlogs[dest.name] = Backlog(queue, log, meter, refill=functools.partial(wal.read_pending, dest.name))
+    ingest = Ingest(wal, backlogs, index, shed_policy=settings.shed_policy, logger=log)
+    parts = Parts(settings, lock, wal, dead_letters, index, outcomes, destinations, backlogs, ingest)
+    return Service(parts, log)
+
+
+def _counting(meter: RateMeter) -> Callable[[], None]:
+    processed = metrics.PROCESSED
+
+    def on_processed() -> None:
+        processed.inc()
+        meter.tick()
+
+    return on_processed
 
 
 def current() -> Service | None:
@@ -40,11 +101,11 @@ def current() -> Service | None:
 
 def begin_shutdown() -> None:
     """Refuse new writes at once; safe inside a signal handler (it never blocks)."""
-    if _service is not None and _service.state in ("starting", "replaying", "ready"):
-        _service.state = "draining"
+    if _service is not None:
+        _service.begin_shutdown()
 
 
-def shutdown(timeout: float | None, *, heartbeat: Any = None) -> bool:
+def shutdown(timeout: float | None, *, heartbeat: Callable[[], object] | None = None) -> bool:
     """Drain this worker's service within `timeout` seconds, once; True when it drained.
 
     `heartbeat` is called every second meanwhile, so gunicorn's worker timeout does
@@ -62,7 +123,7 @@ def shutdown(timeout: float | None, *, heartbeat: Any = None) -> bool:
             beats.kill()
 
 
-def _beat(heartbeat: Any) -> None:
+def _beat(heartbeat: Callable[[], object]) -> None:
     import gevent
 
     while True:

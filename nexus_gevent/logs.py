@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import IO, Any, TextIO, cast
+from typing import IO, Any, Protocol, TextIO, cast
 
 import orjson
 import structlog
@@ -25,6 +25,23 @@ from gunicorn.glogging import Logger as _GunicornBaseLogger
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from .errors import ConfigError
+
+
+class Logger(Protocol):
+    """What the service asks of a logger: structlog's bound logger, or testing.RecordingLogger."""
+
+    def bind(self, **fields: Any) -> Logger: ...
+
+    def debug(self, event: str, **fields: Any) -> Any: ...
+
+    def info(self, event: str, **fields: Any) -> Any: ...
+
+    def warning(self, event: str, **fields: Any) -> Any: ...
+
+    def error(self, event: str, **fields: Any) -> Any: ...
+
+    def exception(self, event: str, **fields: Any) -> Any: ...
+
 
 REDACTED = "[redacted]"
 

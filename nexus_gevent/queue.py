@@ -1,6 +1,6 @@
 """The bounded in-memory queue between the WAL and one destination (the spec's package).
 
-Invariants (spec: queue-package-doc.txt), in Python's idiom:
+The spec's invariants, in Python's idiom:
 
 - ``enqueue`` never blocks or yields. A full queue raises ``LoadShed`` at once; the
   entry is still durable in the WAL and the HTTP layer answers 429.
@@ -10,7 +10,7 @@ Invariants (spec: queue-package-doc.txt), in Python's idiom:
   backoff. After ``max_attempts`` the entry is marked PERMANENT_FAILURE and dropped.
 - A ``None`` logger, destination or updater is refused at construction.
 
-Beyond the original: an unavailable destination pauses delivery and is probed until
+Beyond the spec: an unavailable destination pauses delivery and is probed until
 it answers, without using up any entry's attempts; batches are written in one
 transaction, and a failing batch is split so one poison entry cannot hold back
 healthy neighbours.
@@ -29,10 +29,11 @@ import gevent.queue
 from .backoff import compute_backoff
 from .entry import Entry
 from .errors import DestinationUnavailable, LoadShed, PayloadDecodeError, QueueClosed
+from .logs import Logger
 
 #: Spec: defaultSize.
 DEFAULT_SIZE = 10_000
-#: Ours (the original has 1): a poison entry's retries hold one greenlet for up to
+#: Ours (the spec's is 1): a poison entry's retries hold one greenlet for up to
 #: 15 s; with four, the line keeps moving meanwhile.
 DEFAULT_WORKERS = 4
 #: Spec: maxDeliveryAttempts, giving waits of 1, 2, 4 and 8 s.
@@ -120,7 +121,7 @@ class _Abandon(Exception):
 class Queue:
     """A bounded queue with delivery greenlets. Call drain() before the process exits."""
 
-    def __init__(self, config: QueueConfig, logger: Any, destination: Destination, updater: WalUpdater) -> None:
+    def __init__(self, config: QueueConfig, logger: Logger, destination: Destination, updater: WalUpdater) -> None:
         if logger is None:
             raise TypeError("queue: logger must not be None")
         if destination is None:

@@ -29,13 +29,14 @@ import orjson
 import pytest
 
 from nexus_gevent import lifecycle
+from nexus_gevent.backlog import Backlog
 from nexus_gevent.config import load_settings
 from nexus_gevent.destinations import sqlite_path
 from nexus_gevent.http.app import create_app
-from nexus_gevent.lane import RETRY_AFTER_MIN, Lane
 from nexus_gevent.logs import get_logger
 from nexus_gevent.queue import Queue, QueueConfig
-from nexus_gevent.service import Service
+from nexus_gevent.retry_after import RETRY_AFTER_MIN
+from nexus_gevent.service import Service, WorkerState
 from nexus_gevent.testing import (
     RecordingDestination,
     RecordingLogger,
@@ -154,8 +155,8 @@ class Node:
         wait_until(lambda: wal.pending_count == 0, what="every WAL entry settled")
 
     @property
-    def lane(self) -> Lane:
-        return self.service.lanes["default"]
+    def backlog(self) -> Backlog:
+        return self.service.backlogs["default"]
 
     @property
     def wal_pending(self) -> int:
@@ -183,7 +184,7 @@ class Harness:
     def start(self, env: Mapping[str, str] | None = None, *, ready: bool = True, logger: Any = None) -> Node:
         """A started service (ready unless told not to wait) and its app."""
         logger = RecordingLogger() if logger is None else logger
-        service = Service(load_settings(self.env(env)), logger)
+        service = lifecycle.assemble(load_settings(self.env(env)), logger)
         self._services.append(service)
         service.start()
         if ready:
@@ -243,10 +244,10 @@ def fill_queue(node: Node) -> list[str]:
     """Make the two writes a blocked node holds: one being delivered, one queued."""
     first = node.accepted({"fill": 1})
     # Given the delivery greenlet holds the first entry (waiting on the write lock)...
-    wait_until(lambda: node.lane.queue.depth == 0, what="the delivery greenlet took the first entry")
+    wait_until(lambda: node.backlog.queue.depth == 0, what="the delivery greenlet took the first entry")
     # ...the second one fills the queue's one slot.
     second = node.accepted({"fill": 2})
-    assert node.lane.queue.depth == 1
+    assert node.backlog.queue.depth == 1
     return [first, second]
 
 
@@ -674,47 +675,47 @@ class TestLoadSheddingReject:
         assert node.post({"n": 1}, headers={"Idempotency-Key": "later"}).status_code == 429
 
         lock.release()
-        wait_until(lambda: node.lane.room > 0 and node.lane.backlog == 0, what="room in the queue")
+        wait_until(lambda: node.backlog.room > 0 and node.backlog.waiting == 0, what="room in the queue")
 
         assert node.post({"n": 1}, headers={"Idempotency-Key": "later"}).status_code == 202
 
 
 class TestRetryAfter:
-    """Lane.retry_after: derived from the backlog and the measured delivery rate, not a constant."""
+    """Backlog.retry_after: derived from the backlog and the measured delivery rate, not a constant."""
 
     @pytest.fixture
-    def lane(self) -> Iterator[Lane]:
+    def backlog(self) -> Iterator[Backlog]:
         # One slot and nothing delivering until the test yields: offers stay where they land.
         destination = RecordingDestination()
         queue = Queue(QueueConfig(size=1, workers=1), RecordingLogger(), destination, RecordingUpdater())
-        lane = Lane(queue, RecordingLogger())
-        yield lane
-        lane.stop()
+        backlog = Backlog(queue, RecordingLogger())
+        yield backlog
+        backlog.stop()
         assert queue.drain(5)
 
-    def test_an_empty_lane_advises_the_minimum(self, lane: Lane) -> None:
+    def test_an_empty_backlog_advises_the_minimum(self, backlog: Backlog) -> None:
         """With nothing waiting, Retry-After is the minimum of one second."""
-        assert lane.retry_after() == RETRY_AFTER_MIN
+        assert backlog.retry_after() == RETRY_AFTER_MIN
 
-    def test_a_longer_backlog_advises_a_longer_wait(self, lane: Lane) -> None:
+    def test_a_longer_backlog_advises_a_longer_wait(self, backlog: Backlog) -> None:
         """More entries waiting means a Retry-After at least as long, and longer once it counts in seconds."""
         for _ in range(3):
-            lane.offer(make_entry(destination=lane.name))
-        shorter = lane.retry_after()
+            backlog.offer(make_entry(destination=backlog.name))
+        shorter = backlog.retry_after()
         for _ in range(10):
-            lane.offer(make_entry(destination=lane.name))
+            backlog.offer(make_entry(destination=backlog.name))
 
-        assert lane.retry_after() > shorter
+        assert backlog.retry_after() > shorter
 
-    def test_a_faster_measured_rate_advises_a_shorter_wait(self, lane: Lane) -> None:
+    def test_a_faster_measured_rate_advises_a_shorter_wait(self, backlog: Backlog) -> None:
         """The same backlog advises a shorter Retry-After once more deliveries per second are measured."""
         for _ in range(20):
-            lane.offer(make_entry(destination=lane.name))
-        slow = lane.retry_after()
+            backlog.offer(make_entry(destination=backlog.name))
+        slow = backlog.retry_after()
 
-        lane.meter.tick(100)
+        backlog.meter.tick(100)
 
-        assert lane.retry_after() < slow
+        assert backlog.retry_after() < slow
 
 
 class TestWalUnavailable:
@@ -780,7 +781,7 @@ class TestShuttingDown:
 
     def test_a_draining_service_answers_503_shutting_down(self, node: Node) -> None:
         """Once the service is draining, a write answers 503 shutting_down with a Retry-After."""
-        node.service.state = "draining"
+        node.service.state = WorkerState.DRAINING
 
         result = node.post({"n": 1})
 
@@ -809,7 +810,7 @@ class TestProbes:
 
     def test_health_stays_200_while_draining(self, node: Node) -> None:
         """/health is liveness only: a draining worker is still alive."""
-        node.service.state = "draining"
+        node.service.state = WorkerState.DRAINING
 
         assert node.client.simulate_get("/health").status_code == 200
 
@@ -835,7 +836,7 @@ class TestProbes:
 
     def test_ready_is_503_while_draining(self, node: Node) -> None:
         """/ready answers 503 with reason draining once the worker drains."""
-        node.service.state = "draining"
+        node.service.state = WorkerState.DRAINING
 
         result = node.client.simulate_get("/ready")
 
@@ -844,7 +845,7 @@ class TestProbes:
 
 
 def _drain(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    node.service.state = "draining"
+    node.service.state = WorkerState.DRAINING
 
 
 def _fail_fsync(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:

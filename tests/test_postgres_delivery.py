@@ -31,11 +31,11 @@ import gevent  # type: ignore[import-untyped, unused-ignore]
 import psycopg
 import pytest
 
+from nexus_gevent import lifecycle
+from nexus_gevent.backlog import Backlog
 from nexus_gevent.config import load_settings
 from nexus_gevent.http.app import create_app
-from nexus_gevent.lane import Lane
 from nexus_gevent.queue import Queue, QueueConfig
-from nexus_gevent.service import Service
 from nexus_gevent.testing import (
     RecordingDestination,
     RecordingLogger,
@@ -536,7 +536,7 @@ class TestPoisonEntry:
             "NEXUS_INITIAL_BACKOFF": "0.05",
         }
         logger = RecordingLogger()
-        service = Service(load_settings(env), logger)
+        service = lifecycle.assemble(load_settings(env), logger)
         service.start()
         try:
             assert service.wait_ready(10)
@@ -585,14 +585,14 @@ class TestBacklogFeeding:
 
     def test_feeding_a_backlog_of_90k_entries_never_stalls_the_hub_for_long(self) -> None:
         """90,000 entries waiting behind a full queue of 10,000 are fed in without blocking other greenlets 0.15 s."""
-        # Given a lane whose queue of 10,000 is full and whose backlog holds 90,000 more
+        # Given a backlog whose queue of 10,000 is full and whose backlog holds 90,000 more
         destination = RecordingDestination()
         queue = Queue(QueueConfig(size=10_000, workers=4), RecordingLogger(), destination, RecordingUpdater())
-        lane = Lane(queue, RecordingLogger())
+        backlog = Backlog(queue, RecordingLogger())
         try:
             for _ in range(100_000):
-                lane.offer(make_entry(destination=lane.name))
-            assert (queue.depth, lane.backlog) == (10_000, 90_000)
+                backlog.offer(make_entry(destination=backlog.name))
+            assert (queue.depth, backlog.waiting) == (10_000, 90_000)
             gaps: list[float] = []
 
             def ticker() -> None:
@@ -605,12 +605,12 @@ class TestBacklogFeeding:
 
             # When the delivery greenlets and the feeder run until everything is delivered
             tick = gevent.spawn(ticker)
-            wait_until(lambda: lane.backlog == 0 and queue.depth == 0, 30, "the backlog fed and delivered")
+            wait_until(lambda: backlog.waiting == 0 and queue.depth == 0, 30, "the backlog fed and delivered")
             tick.kill()
             # Then no step of the feeder held the hub long (taking the oldest entry used to
             # rescan every slot freed before it: O(N^2), half a second per step at 90k)
             assert max(gaps) < 0.15, f"the hub was blocked for {max(gaps):.3f} s"
             assert sum(len(call.payload_ids) for call in destination.calls) == 100_000
         finally:
-            lane.stop()
+            backlog.stop()
             assert queue.drain(5)

@@ -94,7 +94,7 @@ class TestConstruction:
     def test_none_logger_is_refused(self) -> None:
         """Spec: a nil logger at construction fails at once with a clear message."""
         with pytest.raises(TypeError, match="logger must not be None"):
-            Queue(FAST, None, RecordingDestination(), RecordingUpdater())
+            Queue(FAST, None, RecordingDestination(), RecordingUpdater())  # type: ignore[arg-type]
 
     def test_none_destination_is_refused(self) -> None:
         """A None destination is refused at construction with a clear message."""

@@ -23,12 +23,11 @@ import falcon.testing
 import orjson
 import pytest
 
-from nexus_gevent import tokens
+from nexus_gevent import lifecycle, tokens
 from nexus_gevent.auth import Authenticator, Principal
 from nexus_gevent.config import ADMIN_TOKEN_FILENAME, SECRETS_DIRNAME, Settings, load_settings
 from nexus_gevent.http.app import create_app
 from nexus_gevent.logs import get_logger
-from nexus_gevent.service import Service
 from nexus_gevent.testing import RecordingLogger, make_entry, wait_until
 
 SOURCE_TOKEN = "security-source-token-7c1e"
@@ -117,7 +116,7 @@ class Node:
         config = data_dir / "nexus.toml"
         config.write_text(CONFIG.replace("{data_dir}", str(data_dir)))
         env = {"NEXUS_DATA_DIR": str(data_dir), "NEXUS_CONFIG": str(config), "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN}
-        self.service = Service(load_settings(env), logger)
+        self.service = lifecycle.assemble(load_settings(env), logger)
         self.service.start()
         assert self.service.wait_ready(5)
         assert self.service.dead_letters is not None
@@ -317,7 +316,7 @@ class TestFileModes:
         # Given a service started on a fresh data dir under umask 022
         data_dir = tmp_path / "data"
         env = {"NEXUS_DATA_DIR": str(data_dir), "NEXUS_TOKEN": SOURCE_TOKEN, "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN}
-        service = Service(load_settings(env), RecordingLogger())
+        service = lifecycle.assemble(load_settings(env), RecordingLogger())
         service.start()
         try:
             assert service.wait_ready(5)

@@ -500,10 +500,10 @@ class TestDataDirectory:
 
     def test_file_names_match_the_service(self) -> None:
         """The tool's copies of the data directory's file names agree with the service's."""
-        from nexus_gevent import service
+        from nexus_gevent import datadir as layout
 
-        assert datadir.WAL_DIRNAME == service.WAL_DIRNAME
-        assert datadir.DEAD_LETTERS_FILENAME == service.DEAD_LETTERS_FILENAME
+        assert datadir.WAL_DIRNAME == layout.WAL_DIRNAME
+        assert datadir.DEAD_LETTERS_FILENAME == layout.DEAD_LETTERS_FILENAME
 
     def test_module_entry_point_runs_verify(self, w0: Path) -> None:
         """`python -m nexus_gevent wal verify` runs as a process and exits with the verify code."""

@@ -1,7 +1,8 @@
-"""Every error the API answers, in the contract's one shape.
+"""Every error the API answers, in the API's one shape.
 
 ``{"error": code, "message": text, "details": {...}}``, plus ``retry_after_seconds``
-when a Retry-After header is sent. Domain errors are mapped here, in one place.
+when a Retry-After header is sent. Domain errors are mapped here, in one place:
+http/app.py registers these handlers with ``add_error_handler``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from typing import Any
 import falcon
 import orjson
 
+from ..errors import DestinationUnavailable, WalUnavailable
+from ..logs import Logger
+
 
 class ApiError(falcon.HTTPError):
-    """An error response with the contract's code and message."""
+    """An error response with the API's code and message."""
 
     def __init__(
         self,
@@ -52,7 +56,7 @@ def _code_for(error: falcon.HTTPError) -> str:
 
 
 def serialize_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
-    """Falcon's error serializer: every error, ours or Falcon's, in the contract's shape."""
+    """Falcon's error serializer: every error, ours or Falcon's, in the API's one shape."""
     if isinstance(error, ApiError):
         body = error.to_dict()
     else:
@@ -77,8 +81,32 @@ def answer_error(resp: falcon.Response, error: ApiError) -> None:
 ErrorHandler = Callable[[falcon.Request, falcon.Response, Exception, dict[str, Any]], None]
 
 
-def unexpected_error_handler(logger: Any) -> ErrorHandler:
-    """The catch-all: a bug answers 500 in the contract's shape; its traceback goes to `logger`, not the client."""
+def wal_unavailable(req: falcon.Request, resp: falcon.Response, ex: WalUnavailable, params: dict[str, Any]) -> None:
+    """503 wal_unavailable: nothing was made durable (disk full, I/O error), so a retry is safe."""
+    raise ApiError(
+        falcon.HTTP_503,
+        "wal_unavailable",
+        "the write could not be made durable; nothing was stored, retry later",
+        details={"reason": str(ex)[:200]},
+        retry_after=1,
+    ) from None
+
+
+def destination_unavailable(
+    req: falcon.Request, resp: falcon.Response, ex: DestinationUnavailable, params: dict[str, Any]
+) -> None:
+    """503 destination_unavailable: a read could not reach the destination."""
+    raise ApiError(
+        falcon.HTTP_503,
+        "destination_unavailable",
+        "the destination cannot be reached",
+        details={"reason": str(ex)[:200]},
+        retry_after=1,
+    ) from None
+
+
+def unexpected_error_handler(logger: Logger) -> ErrorHandler:
+    """The catch-all: a bug answers 500 in the API's one shape; its traceback goes to `logger`, not the client."""
 
     def unexpected_error(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
         # Falcon calls handlers inside its `except` block, so exc_info is this bug's traceback.

@@ -7,19 +7,19 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import falcon
 import orjson
 
 from .. import metrics
-from ..auth import Authenticator
+from ..auth import Principal
 from ..config import Settings
-from ..errors import QueueClosed, WalUnavailable
 from ..ingest import Ingest, WriteResult
 from .errors import ApiError, answer_error
 
-#: Idempotency-Key: up to 255 visible ASCII characters (contract).
+#: Idempotency-Key: up to 255 visible ASCII characters (docs/openapi.yaml).
 MAX_KEY_LENGTH = 255
 #: X-Subject is stored in a column; a bound keeps a row and a log line small.
 MAX_SUBJECT_LENGTH = 255
@@ -27,20 +27,6 @@ MAX_SUBJECT_LENGTH = 255
 
 def _visible_ascii(value: str) -> bool:
     return all(0x21 <= ord(ch) <= 0x7E for ch in value)
-
-
-def authenticate_source(auth: Authenticator, settings: Settings, req: falcon.Request, source: str) -> None:
-    """401 without a known token, 403 for another source's or the admin's, then 404."""
-    principal = auth.identify(req.get_header("Authorization"))
-    if principal is None:
-        raise ApiError(falcon.HTTP_401, "unauthorized", "a valid bearer token is required", extra={}) from None
-    if principal.is_admin:
-        raise ApiError(falcon.HTTP_403, "source_mismatch", "the admin token cannot write entries")
-    # Only an authenticated caller learns whether a source exists.
-    if settings.source(source) is None:
-        raise ApiError(falcon.HTTP_404, "unknown_source", f"no source named {source!r}")
-    if principal.source != source:
-        raise ApiError(falcon.HTTP_403, "source_mismatch", "this token belongs to another source")
 
 
 def read_body(req: falcon.Request, limit: int) -> bytes:
@@ -155,39 +141,36 @@ def _rejected_body(retry_after: int) -> bytes:
 class InboundResource:
     """Writes one entry per request."""
 
-    def __init__(self, settings: Settings, auth: Authenticator, ingest: Any, state: Any) -> None:
+    unauthorized_message = "a valid bearer token is required"
+
+    def __init__(self, settings: Settings, ingest: Ingest, stopping: Callable[[], bool]) -> None:
         self._settings = settings
-        self._auth = auth
-        self._ingest: Ingest = ingest
-        self._state = state
+        self._ingest = ingest
+        self._stopping = stopping
         self._counters = metrics.write_counters([s.name for s in settings.sources], settings.shed_policy)
 
+    def authorize(self, principal: Principal, params: dict[str, Any]) -> None:
+        """403 for the admin's or another source's token; 404 (to a caller with a token) for no such source."""
+        if principal.is_admin:
+            raise ApiError(falcon.HTTP_403, "source_mismatch", "the admin token cannot write entries")
+        source = params["source"]
+        # Only an authenticated caller learns whether a source exists.
+        if self._settings.source(source) is None:
+            raise ApiError(falcon.HTTP_404, "unknown_source", f"no source named {source!r}")
+        if principal.source != source:
+            raise ApiError(falcon.HTTP_403, "source_mismatch", "this token belongs to another source")
+
     def on_post(self, req: falcon.Request, resp: falcon.Response, source: str) -> None:
-        authenticate_source(self._auth, self._settings, req, source)
         req.context.source = source
         check_content_type(req)
         key = optional_header(req, "Idempotency-Key", "invalid_idempotency_key", MAX_KEY_LENGTH)
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
         body = read_body(req, self._settings.max_body_bytes)
         parse_object(body)
-        if self._state() in ("draining", "stopped"):
+        if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
         destination = self._settings.source(source).destination  # type: ignore[union-attr]
-        try:
-            result = self._ingest.write(source, destination, body, subject=subject, key=key)
-        except WalUnavailable as exc:
-            metrics.WAL_FAILURES.inc()
-            raise ApiError(
-                falcon.HTTP_503,
-                "wal_unavailable",
-                "the entry could not be made durable; nothing was stored, retry later",
-                details={"reason": str(exc)[:200]},
-                retry_after=1,
-            ) from None
-        except QueueClosed:
-            raise ApiError(
-                falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1
-            ) from None
+        result = self._ingest.write(source, destination, body, subject=subject, key=key)
         self._count(source, result)
         self._answer(req, resp, result)
 

@@ -1,4 +1,4 @@
-"""Cross-cutting request work: request ids, a clean log context, one log line per request."""
+"""Cross-cutting request work: request ids, a clean log context, one log line per request, and who is calling."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import falcon
 import structlog
+
+from ..auth import Authenticator, Principal
+from ..logs import Logger
+from .errors import ApiError
 
 #: A client's X-Request-Id is echoed only if it is short and harmless in a log line.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -24,7 +28,7 @@ class RequestContext:
     otherwise leak into the next.
     """
 
-    def __init__(self, logger: Any) -> None:
+    def __init__(self, logger: Logger) -> None:
         # A concrete bound logger, built once: a lazy proxy would rebuild one on every
         # request (logging is configured before the app is built).
         self._log = logger.bind()
@@ -69,3 +73,52 @@ class RequestContext:
             payload_id=getattr(req.context, "payload_id", None),
         )
         structlog.contextvars.clear_contextvars()
+
+
+class Guarded(Protocol):
+    """A resource that only some callers may use."""
+
+    #: The 401's message: what kind of token this resource wants.
+    unauthorized_message: str
+
+    def authorize(self, principal: Principal, params: dict[str, Any]) -> None:
+        """Raise ApiError (403, or 404 for what only a caller may learn is missing) for a caller not served."""
+        ...
+
+
+class Authentication:
+    """Identifies the caller once per request, for every resource with an `authorize` method.
+
+    401 for a missing or unknown token is answered here; who may use what is the
+    resource's own rule. Resources without `authorize` (the probes) are public. A
+    method the resource does not serve answers 405 whoever asks, as before
+    authentication.
+    """
+
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
+    ) -> None:
+        if not hasattr(resource, "authorize") or not hasattr(resource, _responder(req.method)):
+            return
+        guarded: Guarded = resource  # type: ignore[assignment]
+        principal = self._auth.identify(req.get_header("Authorization"))
+        if principal is None:
+            raise ApiError(falcon.HTTP_401, "unauthorized", guarded.unauthorized_message)
+        guarded.authorize(principal, params)
+        req.context.principal = principal
+
+
+def _responder(method: str) -> str:
+    return _RESPONDERS.get(method) or f"on_{method.lower()}"
+
+
+_RESPONDERS = {m: f"on_{m.lower()}" for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
+
+
+def admin_only(principal: Principal, params: dict[str, Any]) -> None:
+    """403 for a source's token: it is not the admin's."""
+    if not principal.is_admin:
+        raise ApiError(falcon.HTTP_403, "admin_only", "this endpoint needs the admin token")

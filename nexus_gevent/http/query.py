@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import falcon
 import orjson
 
-from ..auth import Authenticator
+from ..auth import Principal
 from ..config import Settings
 from ..destinations import Queryable
-from ..errors import DestinationUnavailable
 from .errors import ApiError
 
 DEFAULT_LIMIT = 50
@@ -20,22 +20,24 @@ MAX_LIMIT = 1000
 class QueryResource:
     """Accepts the admin token, or the token of a source that writes to this destination."""
 
-    def __init__(self, settings: Settings, auth: Authenticator, destinations: Mapping[str, object]) -> None:
+    unauthorized_message = "a valid bearer token is required"
+
+    def __init__(self, settings: Settings, destinations: Mapping[str, object]) -> None:
         self._settings = settings
-        self._auth = auth
         self._destinations = destinations
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, destination: str) -> None:
-        principal = self._auth.identify(req.get_header("Authorization"))
-        if principal is None:
-            raise ApiError(falcon.HTTP_401, "unauthorized", "a valid bearer token is required")
-        target = self._destinations.get(destination)
-        if target is None:
+    def authorize(self, principal: Principal, params: dict[str, Any]) -> None:
+        """404 (to a caller with a token) for no such destination; 403 for a source writing elsewhere."""
+        destination = params["destination"]
+        if destination not in self._destinations:
             raise ApiError(falcon.HTTP_404, "unknown_destination", f"no destination named {destination!r}")
         if not principal.is_admin:
             source = self._settings.source(principal.source or "")
             if source is None or source.destination != destination:
                 raise ApiError(falcon.HTTP_403, "source_mismatch", "this token's source does not write here")
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, destination: str) -> None:
+        target = self._destinations[destination]
         if not hasattr(target, "query"):
             raise ApiError(falcon.HTTP_501, "not_queryable", "this destination cannot be read back")
         limit = self._limit(req)
@@ -49,14 +51,6 @@ class QueryResource:
         except ValueError:
             raise ApiError(
                 falcon.HTTP_400, "invalid_cursor", "the 'after' cursor is not one this service gave"
-            ) from None
-        except DestinationUnavailable as exc:
-            raise ApiError(
-                falcon.HTTP_503,
-                "destination_unavailable",
-                "the destination cannot be reached",
-                details={"reason": str(exc)[:200]},
-                retry_after=1,
             ) from None
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps({"records": records, "next": next_cursor})
