@@ -280,7 +280,11 @@ class Service:
         metrics.WAL_APPEND_LATENCY_BATCH.publish()
         waiting = sum(backlog.queue.depth + backlog.waiting for backlog in self.backlogs.values())
         self._log.info(
-            "drain_finished", drained=self._drained, seconds=round(time.monotonic() - started, 3), left_pending=waiting
+            "drain_finished",
+            pid=os.getpid(),
+            drained=self._drained,
+            seconds=round(time.monotonic() - started, 3),
+            left_pending=waiting,
         )
         self._close()
         self.state = WorkerState.STOPPED

@@ -40,13 +40,17 @@ ACKS_BEFORE_KILL = 300
 RECYCLES = 4
 
 
-def drained_wal_dirs(server: Gunicorn) -> dict[str, bool]:
-    """wal_dir -> drained, from the workers' drain_finished lines."""
-    return {str(e["wal_dir"]): bool(e["drained"]) for e in server.events("drain_finished")}
+def drained_workers(server: Gunicorn) -> dict[int, bool]:
+    """Worker pid -> drained, from the workers' drain_finished lines.
+
+    Keyed by process, not by WAL directory: a replacement worker may take the very
+    directory a stopping worker has just released, so two drains can name one directory.
+    """
+    return {int(e["pid"]): bool(e["drained"]) for e in server.events("drain_finished")}
 
 
 def assert_both_workers_drained(server: Gunicorn) -> None:
-    drained = drained_wal_dirs(server)
+    drained = drained_workers(server)
     assert len(drained) == 2, server.log_tail()
     assert all(drained.values()), server.log_tail()
 
