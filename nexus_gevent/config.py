@@ -50,7 +50,7 @@ from .errors import ConfigError
 from .logs import parse_level
 from .queue import DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, or_default
 from .queue import DEFAULT_SIZE as DEFAULT_QUEUE_SIZE
-from .tokens import ensure_private_dir, load_or_create_secret
+from .secrets import ensure_private_dir, load_or_create_secret
 from .wal import DEFAULT_SEGMENT_BYTES
 
 #: A poison entry's retries (its backoff sleeps) hold one delivery greenlet;

@@ -23,7 +23,7 @@ import falcon.testing
 import orjson
 import pytest
 
-from nexus_gevent import tokens
+from nexus_gevent import auth as tokens
 from nexus_gevent.auth import Authenticator, Principal
 from nexus_gevent.config import ADMIN_TOKEN_FILENAME, SECRETS_DIRNAME, Settings, load_settings
 from nexus_gevent.http.app import create_app

@@ -1,13 +1,13 @@
-"""Bearer tokens: generation, constant-time comparison, and secret files created atomically."""
+"""Secrets: generated bearer tokens, kept in 0600 files created atomically."""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import os
 import secrets
 from pathlib import Path
 
+from ._files import fsync_directory
 from .errors import ConfigError
 
 #: Mode of a generated secret file: readable by the service's user only.
@@ -19,11 +19,6 @@ PRIVATE_DIR_MODE = 0o700
 def generate_token() -> str:
     """A fresh token: 32 random bytes, URL-safe base64 (43 characters)."""
     return secrets.token_urlsafe(32)
-
-
-def tokens_equal(a: str, b: str) -> bool:
-    """Whether two tokens are equal, in time that does not depend on where they differ."""
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
 def ensure_private_dir(path: Path) -> bool:
@@ -73,7 +68,7 @@ def load_or_create_secret(path: Path) -> tuple[str, bool]:
             os.link(tmp, path)
         except FileExistsError:
             return _read_secret(path), False
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
         return token, True
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -86,11 +81,3 @@ def _read_secret(path: Path) -> str:
         raise ConfigError(f"secret file {path} is empty; delete it to have a new token generated")
     return token
 
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the new directory entry itself survive a crash, not just the file's bytes.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
