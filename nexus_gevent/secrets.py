@@ -80,4 +80,3 @@ def _read_secret(path: Path) -> str:
     if not token:
         raise ConfigError(f"secret file {path} is empty; delete it to have a new token generated")
     return token
-
