@@ -44,12 +44,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from . import datadir
 from ._layers import Layers
 from .errors import ConfigError
 from .logs import parse_level
 from .queue import DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, or_default
 from .queue import DEFAULT_SIZE as DEFAULT_QUEUE_SIZE
-from .secrets import ensure_private_dir, load_or_create_secret
+from .secrets import check_token, ensure_private_dir, resolve_token, stored_token
 from .wal import DEFAULT_SEGMENT_BYTES
 
 #: A poison entry's retries (its backoff sleeps) hold one delivery greenlet;
@@ -66,16 +67,12 @@ DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
 
 DEFAULT_NAME = "default"
-SECRETS_DIRNAME = "secrets"
 ADMIN_TOKEN_FILENAME = "admin-token"  # noqa: S105 -- a file name, not a secret
 
 ShedPolicy = Literal["durable", "reject"]
 
 # Names appear in URL paths and in secret file names, hence the narrow alphabet.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# RFC 6750's token characters are a subset of this; anything outside it (spaces,
-# controls, non-ASCII) could never arrive intact in an Authorization header.
-_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 # The keys a TOML file may hold at its top level.
 _TOP_LEVEL_KEYS = frozenset(
@@ -170,11 +167,6 @@ class Settings:
         raise KeyError(name)
 
 
-def default_destination_url(data_dir: Path) -> str:
-    """The embedded default: SQLite in the data dir (relative dir, relative path)."""
-    return f"sqlite:///{data_dir}/nexus.db"
-
-
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from `environ` (default os.environ) and the TOML file it names.
 
@@ -189,7 +181,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         keys=_TOP_LEVEL_KEYS,
     )
 
-    data_dir = Path(layers.text("data_dir", "./var"))
+    data_dir = Path(layers.text("data_dir", datadir.DEFAULT_DATA_DIR))
     declared = _declared_destinations(layers)
     sources = _sources(layers, {d.name for d in declared} | {DEFAULT_NAME})
     destinations = _with_default_destination(declared, sources, layers, data_dir)
@@ -210,21 +202,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     # Side effects come last, so that an invalid configuration leaves no trace.
     _make_dir(data_dir)
-    secrets_dir = data_dir / SECRETS_DIRNAME
     touched: list[Path] = []
-    resolved: list[SourceSettings] = []
-    for name, explicit, destination in sources:
-        token = explicit
-        if token is None:
-            path = secrets_dir / f"token-{name}"
-            token = _secret(path)
-            touched.append(path)
-        resolved.append(SourceSettings(name=name, token=token, destination=destination))
-    admin_token = explicit_admin
-    if admin_token is None:
-        path = secrets_dir / ADMIN_TOKEN_FILENAME
-        admin_token = _secret(path)
+
+    def generated(filename: str) -> str:
+        path = datadir.secrets_dir(data_dir) / filename
+        token = stored_token(path)
         touched.append(path)
+        return token
+
+    resolved = [
+        SourceSettings(name=name, token=token or generated(f"token-{name}"), destination=destination)
+        for name, token, destination in sources
+    ]
+    admin_token = explicit_admin or generated(ADMIN_TOKEN_FILENAME)
 
     return Settings(
         data_dir=data_dir,
@@ -299,7 +289,7 @@ def _with_default_destination(
     if not any(destination == DEFAULT_NAME for _, _, destination in sources):
         # Nothing writes there, so no queue, delivery greenlets or SQLite file for it.
         return declared
-    return [*declared, DestinationSettings(DEFAULT_NAME, url or default_destination_url(data_dir))]
+    return [*declared, DestinationSettings(DEFAULT_NAME, url or datadir.default_destination_url(data_dir))]
 
 
 # (name, token or None for a generated one, destination)
@@ -307,17 +297,11 @@ _SourceSpec = tuple[str, str | None, str]
 
 
 def _sources(layers: Layers, known_destinations: set[str]) -> list[_SourceSpec]:
-    env_token: str | None = layers.env.get("NEXUS_TOKEN") or None
-    if env_token is not None:
-        _check_token(env_token, "NEXUS_TOKEN")
-    top_level = layers.toml.get("token")
+    env_token = _env_token(layers, "token")
     tables = layers.tables("sources", _SOURCE_KEYS)
     if not tables:
-        token = env_token
-        if token is None and top_level is not None:
-            token = _token(top_level, layers.where_toml("token"), layers.env)
-        return [(DEFAULT_NAME, token, DEFAULT_NAME)]
-    if top_level is not None:
+        return [(DEFAULT_NAME, env_token or _toml_token(layers, "token"), DEFAULT_NAME)]
+    if "token" in layers.toml:
         raise ConfigError(
             f"token in {layers.origin} is the token of the implicit source 'default', "
             "which [[sources]] replaces; give each source its token in [[sources]]"
@@ -335,50 +319,31 @@ def _sources(layers: Layers, known_destinations: set[str]) -> list[_SourceSpec]:
         if name == DEFAULT_NAME and env_token is not None:
             specs.append((name, env_token, destination))
         elif "token" in table:
-            specs.append((name, _token(table["token"], f"token of {where}", layers.env), destination))
+            specs.append((name, resolve_token(table["token"], f"token of {where}", layers.env), destination))
         else:
             specs.append((name, None, destination))
     return specs
 
 
 def _admin_token(layers: Layers) -> str | None:
-    env_token = layers.env.get("NEXUS_ADMIN_TOKEN") or None
-    if env_token is not None:
-        _check_token(env_token, "NEXUS_ADMIN_TOKEN")
-        return env_token
-    spec = layers.toml.get("admin_token")
-    if spec is None:
-        return None
-    return _token(spec, layers.where_toml("admin_token"), layers.env)
+    return _env_token(layers, "admin_token") or _toml_token(layers, "admin_token")
 
 
-def _token(value: object, where: str, env: Mapping[str, str]) -> str:
-    """Resolve a TOML token (a literal, env:VAR or file:PATH) and check it."""
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string")
-    token = value
-    if value.startswith("env:"):
-        var = value[len("env:") :]
-        if var not in env:
-            raise ConfigError(f"{where} refers to ${var}, which is not set")
-        token = env[var]
-        where = f"{where} (from ${var})"
-    elif value.startswith("file:"):
-        path = Path(value[len("file:") :])
-        try:
-            token = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{where}: cannot read the token file {path}: {exc}") from exc
-        where = f"{where} (from {path})"
-    _check_token(token, where)
+def _env_token(layers: Layers, key: str) -> str | None:
+    """The token in the setting's environment variable, checked; there it is the token itself, not a reference."""
+    name = layers.env_name(key)
+    token = layers.env.get(name) or None
+    if token is not None:
+        check_token(token, name)
     return token
 
 
-def _check_token(token: str, where: str) -> None:
-    if not token:
-        raise ConfigError(f"{where} is empty")
-    if not _TOKEN.fullmatch(token):
-        raise ConfigError(f"{where} must be visible ASCII characters only, without spaces")
+def _toml_token(layers: Layers, key: str) -> str | None:
+    """The token the TOML key refers to (a literal, env:VAR or file:PATH), checked; None without the key."""
+    reference = layers.toml.get(key)
+    if reference is None:
+        return None
+    return resolve_token(reference, layers.where_toml(key), layers.env)
 
 
 def _check_distinct(sources: list[_SourceSpec], admin_token: str | None) -> None:
@@ -420,12 +385,3 @@ def _make_dir(path: Path) -> None:
         ensure_private_dir(path)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {path}: {exc.strerror}") from exc
-
-
-def _secret(path: Path) -> str:
-    try:
-        token, _ = load_or_create_secret(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read or create the token file {path}: {exc}") from exc
-    _check_token(token, f"token file {path}")
-    return token

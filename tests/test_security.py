@@ -25,7 +25,8 @@ import pytest
 
 from nexus_gevent import auth as tokens
 from nexus_gevent.auth import Authenticator, Principal
-from nexus_gevent.config import ADMIN_TOKEN_FILENAME, SECRETS_DIRNAME, Settings, load_settings
+from nexus_gevent.config import ADMIN_TOKEN_FILENAME, Settings, load_settings
+from nexus_gevent.datadir import SECRETS_DIRNAME
 from nexus_gevent.http.app import create_app
 from nexus_gevent.logs import get_logger
 from nexus_gevent.service import Service
