@@ -31,6 +31,10 @@ Rules:
   ``{data_dir}/secrets/admin-token`` (mode 0600) and reused on the next start.
 - Tokens must be visible ASCII (no spaces) and distinct from one another, so
   that a token names exactly one source, or the admin.
+
+This module holds the schema and these rules; the lookup itself (environment over
+file over default) is ``_layers.Layers``, and token references and secret files
+are ``secrets``.
 """
 
 from __future__ import annotations
@@ -210,6 +214,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         touched.append(path)
         return token
 
+    # An explicit token is never empty (check_token refuses it), so `or` fills in only the missing ones.
     resolved = [
         SourceSettings(name=name, token=token or generated(f"token-{name}"), destination=destination)
         for name, token, destination in sources
