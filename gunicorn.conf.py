@@ -1,17 +1,22 @@
 """gunicorn settings for nexus_gevent.
 
 Imported by the master before any monkey-patching: it must not import the
-service (see docs/design.md, "Boot order").
+service (see docs/design.md, "Boot order"). nexus_gevent.datadir is safe at the
+top: it only names paths, imports nothing else and opens no file.
 """
 
 import os
 import shutil
+from pathlib import Path
+
+from nexus_gevent import datadir
 
 # prometheus_client's multiprocess mode: every worker writes its values under this
 # folder and /metrics sums them. It must be set before any worker starts, and it is
 # emptied at each start (on_starting), so old workers' counters do not linger.
 _metrics_dir = os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR", os.path.join(os.environ.get("NEXUS_DATA_DIR") or "var", "metrics")
+    "PROMETHEUS_MULTIPROC_DIR",
+    str(datadir.metrics_dir(Path(os.environ.get(datadir.DATA_DIR_ENV) or datadir.DEFAULT_DATA_DIR))),
 )
 
 _drain_timeout = float(os.environ.get("NEXUS_DRAIN_TIMEOUT", "20"))

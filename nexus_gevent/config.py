@@ -31,26 +31,30 @@ Rules:
   ``{data_dir}/secrets/admin-token`` (mode 0600) and reused on the next start.
 - Tokens must be visible ASCII (no spaces) and distinct from one another, so
   that a token names exactly one source, or the admin.
+
+This module holds the schema and these rules; the lookup itself (environment over
+file over default) is ``_layers.Layers``, and token references and secret files
+are ``secrets``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from . import datadir
+from ._layers import Layers
 from .errors import ConfigError
 from .logs import parse_level
 from .queue import DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, or_default
 from .queue import DEFAULT_SIZE as DEFAULT_QUEUE_SIZE
-from .tokens import ensure_private_dir, load_or_create_secret
+from .secrets import check_token, ensure_private_dir, resolve_token, stored_token
 from .wal import DEFAULT_SEGMENT_BYTES
 
 #: A poison entry's retries (its backoff sleeps) hold one delivery greenlet;
@@ -67,21 +71,18 @@ DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
 
 DEFAULT_NAME = "default"
-SECRETS_DIRNAME = "secrets"
 ADMIN_TOKEN_FILENAME = "admin-token"  # noqa: S105 -- a file name, not a secret
 
 ShedPolicy = Literal["durable", "reject"]
 
 # Names appear in URL paths and in secret file names, hence the narrow alphabet.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# RFC 6750's token characters are a subset of this; anything outside it (spaces,
-# controls, non-ASCII) could never arrive intact in an Authorization header.
-_TOKEN = re.compile(r"[\x21-\x7e]+")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
-_SCALAR_KEYS = frozenset(
+# The keys a TOML file may hold at its top level.
+_TOP_LEVEL_KEYS = frozenset(
     {
+        "sources",
+        "destinations",
         "data_dir",
         "destination_url",
         "token",
@@ -99,7 +100,6 @@ _SCALAR_KEYS = frozenset(
         "wal_segment_bytes",
     }
 )
-_TOP_LEVEL_KEYS = _SCALAR_KEYS | {"sources", "destinations"}
 _SOURCE_KEYS = frozenset({"name", "token", "destination"})
 _DESTINATION_KEYS = frozenset({"name", "url"})
 
@@ -171,11 +171,6 @@ class Settings:
         raise KeyError(name)
 
 
-def default_destination_url(data_dir: Path) -> str:
-    """The embedded default: SQLite in the data dir (relative dir, relative path)."""
-    return f"sqlite:///{data_dir}/nexus.db"
-
-
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from `environ` (default os.environ) and the TOML file it names.
 
@@ -183,9 +178,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     its secrets dir (both 0700) and generated token files; safe when several
     workers run it at once.
     """
-    layers = _Layers(os.environ if environ is None else environ)
+    layers = Layers(
+        os.environ if environ is None else environ,
+        prefix="NEXUS_",
+        file_variable="NEXUS_CONFIG",
+        keys=_TOP_LEVEL_KEYS,
+    )
 
-    data_dir = Path(layers.text("data_dir", "./var"))
+    data_dir = Path(layers.text("data_dir", datadir.DEFAULT_DATA_DIR))
     declared = _declared_destinations(layers)
     sources = _sources(layers, {d.name for d in declared} | {DEFAULT_NAME})
     destinations = _with_default_destination(declared, sources, layers, data_dir)
@@ -195,32 +195,31 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     queue_size = layers.integer("queue_size", DEFAULT_QUEUE_SIZE)
     queue_workers = layers.integer("queue_workers", DEFAULT_QUEUE_WORKERS)
     max_attempts = layers.integer("max_attempts", DEFAULT_MAX_ATTEMPTS, minimum=1)
-    initial_backoff = layers.number("initial_backoff", DEFAULT_INITIAL_BACKOFF)
-    drain_timeout = layers.number("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+    initial_backoff = layers.seconds("initial_backoff", DEFAULT_INITIAL_BACKOFF)
+    drain_timeout = layers.seconds("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
     max_body_bytes = layers.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
-    idempotency_window = layers.number("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
+    idempotency_window = layers.seconds("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
     wal_segment_bytes = layers.integer("wal_segment_bytes", DEFAULT_SEGMENT_BYTES, minimum=1)
-    shed_policy = _shed_policy(layers)
-    log_level = _log_level(layers)
+    shed_policy: ShedPolicy = layers.read("shed_policy", "durable", _shed_policy)
+    log_level = layers.read("log_level", "INFO", _log_level)
     metrics_public = layers.flag("metrics_public", False)
 
     # Side effects come last, so that an invalid configuration leaves no trace.
     _make_dir(data_dir)
-    secrets_dir = data_dir / SECRETS_DIRNAME
     touched: list[Path] = []
-    resolved: list[SourceSettings] = []
-    for name, explicit, destination in sources:
-        token = explicit
-        if token is None:
-            path = secrets_dir / f"token-{name}"
-            token = _secret(path)
-            touched.append(path)
-        resolved.append(SourceSettings(name=name, token=token, destination=destination))
-    admin_token = explicit_admin
-    if admin_token is None:
-        path = secrets_dir / ADMIN_TOKEN_FILENAME
-        admin_token = _secret(path)
+
+    def generated(filename: str) -> str:
+        path = datadir.secrets_dir(data_dir) / filename
+        token = stored_token(path)
         touched.append(path)
+        return token
+
+    # An explicit token is never empty (check_token refuses it), so `or` fills in only the missing ones.
+    resolved = [
+        SourceSettings(name=name, token=token or generated(f"token-{name}"), destination=destination)
+        for name, token, destination in sources
+    ]
+    admin_token = explicit_admin or generated(ADMIN_TOKEN_FILENAME)
 
     return Settings(
         data_dir=data_dir,
@@ -242,119 +241,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-class _Layers:
-    """Looks a setting up in the environment, then in the TOML file; says where it came from."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.toml, self.origin = _read_toml(env)
-
-    def where_toml(self, key: str) -> str:
-        return f"{key} in {self.origin}"
-
-    def lookup(self, key: str) -> tuple[object, str] | None:
-        env_name = f"NEXUS_{key.upper()}"
-        value = self.env.get(env_name)
-        if value:
-            return value, env_name
-        if key in self.toml:
-            return self.toml[key], self.where_toml(key)
-        return None
-
-    def text(self, key: str, default: str) -> str:
-        found = self.lookup(key)
-        if found is None:
-            return default
-        value, where = found
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
-        return value
-
-    def integer(self, key: str, default: int, *, minimum: int | None = None) -> int:
-        found = self.lookup(key)
-        if found is None:
-            return default
-        value, where = found
-        number: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        elif isinstance(value, str):
-            try:
-                number = int(value.strip())
-            except ValueError:
-                number = None
-        if number is None:
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        if minimum is not None and number < minimum:
-            raise ConfigError(f"{where} must be at least {minimum}, got {number}")
-        return number
-
-    def number(self, key: str, default: float) -> float:
-        found = self.lookup(key)
-        if found is None:
-            return default
-        value, where = found
-        number: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-        if number is None or not math.isfinite(number):
-            raise ConfigError(f"{where} must be a number of seconds, got {value!r}")
-        if number < 0:
-            raise ConfigError(f"{where} must not be negative, got {number}")
-        return number
-
-    def flag(self, key: str, default: bool) -> bool:
-        found = self.lookup(key)
-        if found is None:
-            return default
-        value, where = found
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            word = value.strip().lower()
-            if word in _TRUE:
-                return True
-            if word in _FALSE:
-                return False
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-
-
-def _read_toml(env: Mapping[str, str]) -> tuple[dict[str, object], str]:
-    path_text = env.get("NEXUS_CONFIG")
-    if not path_text:
-        return {}, "the environment"
-    path = Path(path_text)
-    try:
-        with path.open("rb") as fh:
-            data: dict[str, object] = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"NEXUS_CONFIG: cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"NEXUS_CONFIG: {path} is not valid TOML: {exc}") from exc
-    unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {path}")
-    return data, str(path)
-
-
-def _tables(layers: _Layers, key: str, allowed: frozenset[str]) -> list[dict[str, object]]:
-    raw = layers.toml.get(key, [])
-    where = layers.where_toml(key)
-    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        raise ConfigError(f"{where} must be an array of tables ([[{key}]])")
-    for table in raw:
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(unknown)} in [[{key}]] in {layers.origin}")
-    return raw
-
-
-def _name(table: dict[str, object], kind: str, layers: _Layers) -> str:
+def _name(table: dict[str, object], kind: str, layers: Layers) -> str:
     name = table.get("name")
     where = f"[[{kind}]] in {layers.origin}"
     if not isinstance(name, str):
@@ -376,9 +263,9 @@ def _check_url(url: object, where: str) -> str:
     raise ConfigError(f"{where} must be sqlite:///PATH or postgresql://...")
 
 
-def _declared_destinations(layers: _Layers) -> list[DestinationSettings]:
+def _declared_destinations(layers: Layers) -> list[DestinationSettings]:
     declared: list[DestinationSettings] = []
-    for table in _tables(layers, "destinations", _DESTINATION_KEYS):
+    for table in layers.tables("destinations", _DESTINATION_KEYS):
         name = _name(table, "destinations", layers)
         if any(d.name == name for d in declared):
             raise ConfigError(f"destination {name!r} is declared twice in {layers.origin}")
@@ -390,12 +277,11 @@ def _declared_destinations(layers: _Layers) -> list[DestinationSettings]:
 def _with_default_destination(
     declared: list[DestinationSettings],
     sources: list[_SourceSpec],
-    layers: _Layers,
+    layers: Layers,
     data_dir: Path,
 ) -> list[DestinationSettings]:
     """Add or override the 'default' destination from NEXUS_DESTINATION_URL / destination_url."""
-    found = layers.lookup("destination_url")
-    url = None if found is None else _check_url(*found)
+    url = layers.read("destination_url", None, _check_url)
     if any(d.name == DEFAULT_NAME for d in declared):
         if "destination_url" in layers.toml:
             raise ConfigError(
@@ -408,25 +294,19 @@ def _with_default_destination(
     if not any(destination == DEFAULT_NAME for _, _, destination in sources):
         # Nothing writes there, so no queue, delivery greenlets or SQLite file for it.
         return declared
-    return [*declared, DestinationSettings(DEFAULT_NAME, url or default_destination_url(data_dir))]
+    return [*declared, DestinationSettings(DEFAULT_NAME, url or datadir.default_destination_url(data_dir))]
 
 
 # (name, token or None for a generated one, destination)
 _SourceSpec = tuple[str, str | None, str]
 
 
-def _sources(layers: _Layers, known_destinations: set[str]) -> list[_SourceSpec]:
-    env_token: str | None = layers.env.get("NEXUS_TOKEN") or None
-    if env_token is not None:
-        _check_token(env_token, "NEXUS_TOKEN")
-    top_level = layers.toml.get("token")
-    tables = _tables(layers, "sources", _SOURCE_KEYS)
+def _sources(layers: Layers, known_destinations: set[str]) -> list[_SourceSpec]:
+    env_token = _env_token(layers, "token")
+    tables = layers.tables("sources", _SOURCE_KEYS)
     if not tables:
-        token = env_token
-        if token is None and top_level is not None:
-            token = _token(top_level, layers.where_toml("token"), layers.env)
-        return [(DEFAULT_NAME, token, DEFAULT_NAME)]
-    if top_level is not None:
+        return [(DEFAULT_NAME, env_token or _toml_token(layers, "token"), DEFAULT_NAME)]
+    if "token" in layers.toml:
         raise ConfigError(
             f"token in {layers.origin} is the token of the implicit source 'default', "
             "which [[sources]] replaces; give each source its token in [[sources]]"
@@ -444,50 +324,31 @@ def _sources(layers: _Layers, known_destinations: set[str]) -> list[_SourceSpec]
         if name == DEFAULT_NAME and env_token is not None:
             specs.append((name, env_token, destination))
         elif "token" in table:
-            specs.append((name, _token(table["token"], f"token of {where}", layers.env), destination))
+            specs.append((name, resolve_token(table["token"], f"token of {where}", layers.env), destination))
         else:
             specs.append((name, None, destination))
     return specs
 
 
-def _admin_token(layers: _Layers) -> str | None:
-    env_token = layers.env.get("NEXUS_ADMIN_TOKEN") or None
-    if env_token is not None:
-        _check_token(env_token, "NEXUS_ADMIN_TOKEN")
-        return env_token
-    spec = layers.toml.get("admin_token")
-    if spec is None:
-        return None
-    return _token(spec, layers.where_toml("admin_token"), layers.env)
+def _admin_token(layers: Layers) -> str | None:
+    return _env_token(layers, "admin_token") or _toml_token(layers, "admin_token")
 
 
-def _token(value: object, where: str, env: Mapping[str, str]) -> str:
-    """Resolve a TOML token (a literal, env:VAR or file:PATH) and check it."""
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string")
-    token = value
-    if value.startswith("env:"):
-        var = value[len("env:") :]
-        if var not in env:
-            raise ConfigError(f"{where} refers to ${var}, which is not set")
-        token = env[var]
-        where = f"{where} (from ${var})"
-    elif value.startswith("file:"):
-        path = Path(value[len("file:") :])
-        try:
-            token = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{where}: cannot read the token file {path}: {exc}") from exc
-        where = f"{where} (from {path})"
-    _check_token(token, where)
+def _env_token(layers: Layers, key: str) -> str | None:
+    """The token in the setting's environment variable, checked; there it is the token itself, not a reference."""
+    name = layers.env_name(key)
+    token = layers.env.get(name) or None
+    if token is not None:
+        check_token(token, name)
     return token
 
 
-def _check_token(token: str, where: str) -> None:
-    if not token:
-        raise ConfigError(f"{where} is empty")
-    if not _TOKEN.fullmatch(token):
-        raise ConfigError(f"{where} must be visible ASCII characters only, without spaces")
+def _toml_token(layers: Layers, key: str) -> str | None:
+    """The token the TOML key refers to (a literal, env:VAR or file:PATH), checked; None without the key."""
+    reference = layers.toml.get(key)
+    if reference is None:
+        return None
+    return resolve_token(reference, layers.where_toml(key), layers.env)
 
 
 def _check_distinct(sources: list[_SourceSpec], admin_token: str | None) -> None:
@@ -504,11 +365,7 @@ def _check_distinct(sources: list[_SourceSpec], admin_token: str | None) -> None
         raise ConfigError(f"the admin token is also the token of source {owners[admin_token]!r}")
 
 
-def _shed_policy(layers: _Layers) -> ShedPolicy:
-    found = layers.lookup("shed_policy")
-    if found is None:
-        return "durable"
-    value, where = found
+def _shed_policy(value: object, where: str) -> ShedPolicy:
     word = value.strip().lower() if isinstance(value, str) else value
     if word == "durable":
         return "durable"
@@ -517,11 +374,7 @@ def _shed_policy(layers: _Layers) -> ShedPolicy:
     raise ConfigError(f"{where} must be 'durable' or 'reject', got {value!r}")
 
 
-def _log_level(layers: _Layers) -> str:
-    found = layers.lookup("log_level")
-    if found is None:
-        return "INFO"
-    value, where = found
+def _log_level(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a level name such as 'INFO', got {value!r}")
     try:
@@ -537,12 +390,3 @@ def _make_dir(path: Path) -> None:
         ensure_private_dir(path)
     except OSError as exc:
         raise ConfigError(f"data_dir: cannot create {path}: {exc.strerror}") from exc
-
-
-def _secret(path: Path) -> str:
-    try:
-        token, _ = load_or_create_secret(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read or create the token file {path}: {exc}") from exc
-    _check_token(token, f"token file {path}")
-    return token

@@ -23,9 +23,10 @@ import falcon.testing
 import orjson
 import pytest
 
-from nexus_gevent import lifecycle, tokens
-from nexus_gevent.auth import Authenticator, Principal
-from nexus_gevent.config import ADMIN_TOKEN_FILENAME, SECRETS_DIRNAME, Settings, load_settings
+from nexus_gevent import lifecycle
+from nexus_gevent.auth import Authenticator, Principal, tokens_equal
+from nexus_gevent.config import ADMIN_TOKEN_FILENAME, Settings, load_settings
+from nexus_gevent.datadir import SECRETS_DIRNAME
 from nexus_gevent.http.app import create_app
 from nexus_gevent.logs import get_logger
 from nexus_gevent.testing import RecordingLogger, make_entry, wait_until
@@ -246,8 +247,8 @@ class TestConstantTimeTokens:
 
     def test_tokens_equal_uses_hmac_compare_digest(self, compare: RecordingCompare) -> None:
         """tokens_equal is hmac.compare_digest over the tokens' bytes."""
-        assert tokens.tokens_equal("same-token", "same-token")
-        assert not tokens.tokens_equal("same-token", "other-token")
+        assert tokens_equal("same-token", "same-token")
+        assert not tokens_equal("same-token", "other-token")
 
         assert compare.calls == [(b"same-token", b"same-token"), (b"same-token", b"other-token")]
 

@@ -1,13 +1,15 @@
-"""Bearer tokens: generation, constant-time comparison, and secret files created atomically."""
+"""Secrets: token references (a literal, env:VAR, file:PATH) and generated tokens kept in 0600 files."""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import os
+import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
+from ._files import fsync_directory
 from .errors import ConfigError
 
 #: Mode of a generated secret file: readable by the service's user only.
@@ -15,15 +17,57 @@ SECRET_FILE_MODE = 0o600
 #: Mode of a directory this module creates: it may hold secrets.
 PRIVATE_DIR_MODE = 0o700
 
+# RFC 6750's token characters are a subset of this; anything outside it (spaces,
+# controls, non-ASCII) could never arrive intact in an Authorization header.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+def check_token(token: str, where: str) -> None:
+    """Raise ConfigError naming `where` unless `token` is non-empty visible ASCII without spaces."""
+    if not token:
+        raise ConfigError(f"{where} is empty")
+    if not _TOKEN.fullmatch(token):
+        raise ConfigError(f"{where} must be visible ASCII characters only, without spaces")
+
+
+def resolve_token(reference: object, where: str, env: Mapping[str, str]) -> str:
+    """The token a reference names (``env:VAR``, ``file:PATH``, else the literal itself), checked.
+
+    `where` names the reference in error messages; `env` is where ``env:`` looks.
+    """
+    if not isinstance(reference, str):
+        raise ConfigError(f"{where} must be a string")
+    token = reference
+    if reference.startswith("env:"):
+        var = reference[len("env:") :]
+        if var not in env:
+            raise ConfigError(f"{where} refers to ${var}, which is not set")
+        token = env[var]
+        where = f"{where} (from ${var})"
+    elif reference.startswith("file:"):
+        path = Path(reference[len("file:") :])
+        try:
+            token = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read the token file {path}: {exc}") from exc
+        where = f"{where} (from {path})"
+    check_token(token, where)
+    return token
+
+
+def stored_token(path: Path) -> str:
+    """The token kept in `path`, generated there first if missing (see load_or_create_secret), checked."""
+    try:
+        token, _ = load_or_create_secret(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read or create the token file {path}: {exc}") from exc
+    check_token(token, f"token file {path}")
+    return token
+
 
 def generate_token() -> str:
     """A fresh token: 32 random bytes, URL-safe base64 (43 characters)."""
     return secrets.token_urlsafe(32)
-
-
-def tokens_equal(a: str, b: str) -> bool:
-    """Whether two tokens are equal, in time that does not depend on where they differ."""
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
 
 
 def ensure_private_dir(path: Path) -> bool:
@@ -73,7 +117,7 @@ def load_or_create_secret(path: Path) -> tuple[str, bool]:
             os.link(tmp, path)
         except FileExistsError:
             return _read_secret(path), False
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
         return token, True
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -85,12 +129,3 @@ def _read_secret(path: Path) -> str:
     if not token:
         raise ConfigError(f"secret file {path} is empty; delete it to have a new token generated")
     return token
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the new directory entry itself survive a crash, not just the file's bytes.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,4 +1,4 @@
-"""Tokens: generation, comparison, and secret files shared by racing workers."""
+"""Secrets: token generation and secret files shared by racing workers; auth's token comparison."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from nexus_gevent.auth import tokens_equal
 from nexus_gevent.errors import ConfigError
-from nexus_gevent.tokens import generate_token, load_or_create_secret, tokens_equal
+from nexus_gevent.secrets import generate_token, load_or_create_secret
 
 RACERS = 8
 
