@@ -57,9 +57,8 @@ from .queue import DEFAULT_SIZE as DEFAULT_QUEUE_SIZE
 from .secrets import check_token, ensure_private_dir, resolve_token, stored_token
 from .wal import DEFAULT_SEGMENT_BYTES
 
-#: A poison entry's retries (its backoff sleeps) hold one delivery greenlet;
-#: more than one keeps the line moving behind it, and four overlaps destination
-#: round trips without crowding SQLite's single writer.
+#: The service's default, above the spec's 1: four delivery greenlets overlap
+#: destination round trips without crowding SQLite's single writer.
 DEFAULT_QUEUE_WORKERS = 4
 #: Fits inside gunicorn's graceful_timeout (ends in SIGKILL) and heartbeat
 #: timeout (ends in SIGABRT), both 30 s by default, leaving 10 s to close the

@@ -13,11 +13,23 @@ The spec's invariants, in Python's idiom:
 Beyond the spec: an unavailable destination pauses delivery and is probed until
 it answers, without using up any entry's attempts; batches are written in one
 transaction, and a failing batch is split so one poison entry cannot hold back
-healthy neighbours.
+healthy neighbours. An entry waiting for its next attempt holds no delivery
+greenlet: it waits in a schedule (a heap by due time) served by one retry
+greenlet, so poison entries in backoff never slow the healthy ones down.
+
+Attempts count writes: every write an entry takes part in, alone or in a batch, is
+one of its attempts, and it waits initial_backoff * 2**(n-1) after its n-th failed
+attempt. A failed batch of several entries is written again entry by entry at once
+(that is each entry's second attempt), so its healthy entries are delivered without
+waiting and the one at fault is found; an entry becomes a dead letter only after a
+write of its own failed and its attempts reached max_attempts.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,9 +45,9 @@ from .logs import Logger
 
 #: Spec: defaultSize.
 DEFAULT_SIZE = 10_000
-#: Ours (the spec's is 1): a poison entry's retries hold one greenlet for up to
-#: 15 s; with four, the line keeps moving meanwhile.
-DEFAULT_WORKERS = 4
+#: Spec: defaultWorkers. Retries wait in the schedule, not in a worker, so one
+#: worker keeps the line moving; the service runs more to overlap round trips.
+DEFAULT_WORKERS = 1
 #: Spec: maxDeliveryAttempts, giving waits of 1, 2, 4 and 8 s.
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_INITIAL_BACKOFF = 1.0
@@ -118,6 +130,15 @@ class _Abandon(Exception):
     """A drain arrived while an entry waited; leave it PENDING in the WAL."""
 
 
+@dataclass(slots=True)
+class _Retry:
+    """An entry between two attempts: how many it has had, and why the last one failed."""
+
+    entry: Entry
+    attempts: int
+    error: Exception
+
+
 class Queue:
     """A bounded queue with delivery greenlets. Call drain() before the process exits."""
 
@@ -148,8 +169,14 @@ class Queue:
         self._ack_first = gevent.event.Event()
         self._ack_due = gevent.event.Event()
         self._ack_stop = False
+        # Entries waiting for their next attempt: (due, tie-breaker, payload_id).
+        self._schedule: list[tuple[float, int, str]] = []
+        self._retries: dict[str, _Retry] = {}
+        self._order = itertools.count()
+        self._schedule_changed = gevent.event.Event()
         self._acker = gevent.spawn(self._ack_loop)
         self._workers = [gevent.spawn(self._work) for _ in range(workers)]
+        self._retrier = gevent.spawn(self._retry_loop)
 
     # -- the spec's surface ----------------------------------------------------
 
@@ -220,8 +247,13 @@ class Queue:
 
     # -- workers ----------------------------------------------------------------
 
+    @property
+    def retrying(self) -> int:
+        """Entries waiting for their next attempt."""
+        return len(self._retries)
+
     def _finish(self) -> None:
-        gevent.joinall(self._workers)
+        gevent.joinall([*self._workers, self._retrier])
         self._ack_stop = True
         self._ack_first.set()
         self._ack_due.set()
@@ -253,7 +285,8 @@ class Queue:
                 self._log.exception("delivery_crashed", entries=len(batch))
             finally:
                 for entry in batch:
-                    self._known.discard(entry.payload_id)
+                    if entry.payload_id not in self._retries:
+                        self._known.discard(entry.payload_id)
 
     def _deliver(self, batch: list[Entry]) -> None:
         good: list[Entry] = []
@@ -272,51 +305,80 @@ class Queue:
         except _Abandon:
             raise
         except Exception as exc:
-            self._warn(good, exc, attempt=1 if len(good) == 1 else None)
             if len(good) == 1:
-                self._retry(good, failures=1, attempts={good[0].payload_id: 1}, error=exc)
-            else:
-                # Split at once, with no attempt used: healthy neighbours go straight
-                # through, and only the entries that fail alone start their retries.
-                self._retry(good, failures=0, attempts={}, error=exc)
+                self._failed(good[0], exc, attempts=1)
+                return
+            # The batch write was each entry's first attempt. Which entry is at fault is
+            # not known: write each alone at once, its second attempt, so healthy
+            # neighbours go straight through and only the faulty one waits.
+            self._warn(good, exc, attempt=1)
+            for entry in good:
+                self._attempt_alone(entry, attempts=2)
             return
         self._succeeded(good)
 
-    def _retry(self, entries: list[Entry], failures: int, attempts: dict[str, int], error: Exception) -> None:
-        """Retry each entry alone; all of them share one backoff schedule."""
-        remaining = entries
-        # Each dead letter records its own entry's last error (listed by the admin API).
-        last_error = {e.payload_id: error for e in entries}
-        while True:
-            if failures:
-                left = [e for e in remaining if attempts.get(e.payload_id, 0) < self._cfg.max_attempts]
-                for entry in remaining:
-                    if attempts.get(entry.payload_id, 0) >= self._cfg.max_attempts:
-                        self._dead_letter(entry, str(last_error[entry.payload_id]), attempts[entry.payload_id])
-                remaining = left
-                if not remaining:
-                    return
-                if self._done.wait(compute_backoff(self._cfg.initial_backoff, failures)):
-                    # Spec: a drain cuts the backoff short; the entry stays PENDING.
-                    self._log.info("retry_abandoned_by_drain", entries=len(remaining))
-                    raise _Abandon()
-            still: list[Entry] = []
-            for entry in remaining:
-                try:
-                    self._write([entry])
-                except _Abandon:
-                    raise
-                except Exception as exc:
-                    attempts[entry.payload_id] = attempts.get(entry.payload_id, 0) + 1
-                    last_error[entry.payload_id] = exc
-                    self._warn([entry], exc, attempt=attempts[entry.payload_id])
-                    still.append(entry)
-                else:
-                    self._succeeded([entry])
-            if not still:
-                return
-            remaining = still
-            failures += 1
+    def _attempt_alone(self, entry: Entry, attempts: int) -> None:
+        """Write `entry` alone as its attempt number `attempts`; schedule or dead-letter it on failure."""
+        try:
+            self._write([entry])
+        except _Abandon:
+            raise
+        except Exception as exc:
+            self._failed(entry, exc, attempts)
+        else:
+            self._retries.pop(entry.payload_id, None)
+            self._succeeded([entry])
+
+    def _failed(self, entry: Entry, exc: Exception, attempts: int) -> None:
+        self._warn([entry], exc, attempt=attempts)
+        if attempts >= self._cfg.max_attempts:
+            self._retries.pop(entry.payload_id, None)
+            self._dead_letter(entry, str(exc), attempts)
+            self._known.discard(entry.payload_id)
+            return
+        if self._done.is_set():
+            # Spec: a drain cuts the backoff short; the entry stays PENDING.
+            self._log.info("retry_abandoned_by_drain", entries=1)
+            self._forget_retry(entry.payload_id)
+            return
+        self._retries[entry.payload_id] = _Retry(entry, attempts, exc)
+        due = time.monotonic() + compute_backoff(self._cfg.initial_backoff, attempts)
+        heapq.heappush(self._schedule, (due, next(self._order), entry.payload_id))
+        self._schedule_changed.set()
+
+    def _retry_loop(self) -> None:
+        """Make each scheduled attempt when it is due; a drain abandons what still waits."""
+        while not self._done.is_set():
+            if not self._schedule:
+                self._schedule_changed.clear()
+                gevent.wait([self._schedule_changed, self._done], count=1)
+                continue
+            due, _, payload_id = self._schedule[0]
+            delay = due - time.monotonic()
+            if delay > 0:
+                self._schedule_changed.clear()
+                gevent.wait([self._schedule_changed, self._done], timeout=delay, count=1)
+                continue
+            heapq.heappop(self._schedule)
+            retry = self._retries[payload_id]
+            try:
+                self._attempt_alone(retry.entry, retry.attempts + 1)
+            except _Abandon:
+                break
+            except Exception:
+                # A bug must not kill the schedule; the entry stays PENDING in the WAL.
+                self._log.exception("retry_crashed", payload_id=payload_id)
+                self._forget_retry(payload_id)
+        if self._retries:
+            # Spec: a drain cuts the backoff short; the entries stay PENDING.
+            self._log.info("retry_abandoned_by_drain", entries=len(self._retries))
+        for payload_id in list(self._retries):
+            self._forget_retry(payload_id)
+        self._schedule.clear()
+
+    def _forget_retry(self, payload_id: str) -> None:
+        self._retries.pop(payload_id, None)
+        self._known.discard(payload_id)
 
     def _write(self, entries: Sequence[Entry]) -> None:
         """Write, waiting out destination outages without using up attempts."""
@@ -392,8 +454,9 @@ class Queue:
         try:
             self._updater.mark_permanent_failure(entry, error, attempts)
         except Exception as exc:
-            # Unmarked, it stays PENDING and is tried again by the next owner.
-            self._log.warning("dead_letter_mark_failed", payload_id=entry.payload_id, error=str(exc))
+            # Unmarked, it stays PENDING and is tried again by the next owner; but if the
+            # dead-letter store kept nothing either, an operator must know at once.
+            self._log.error("dead_letter_mark_failed", payload_id=entry.payload_id, error=str(exc))
 
     # -- write-back of delivered ids --------------------------------------------
 

@@ -368,14 +368,16 @@ class TestRetry:
         assert first.payload_id in errors[first.payload_id]
         assert second.payload_id in errors[second.payload_id]
 
-    def test_failed_dead_letter_mark_is_logged_and_delivery_goes_on(self, start: Callable[..., Harness]) -> None:
-        """When the WAL cannot record a dead letter it is logged at WARN; the entry stays PENDING."""
+    def test_failed_dead_letter_mark_is_logged_at_error_and_delivery_goes_on(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        """When the WAL cannot record a dead letter it is logged at ERROR (it may be lost); delivery goes on."""
         h = start(max_attempts=1)
         h.updater.fail_mark_permanent_failure = True
         poison, healthy = make_entry(), make_entry()
         h.destination.poison(poison.payload_id)
         h.queue.enqueue(poison)
-        wait_until(lambda: "dead_letter_mark_failed" in h.logger.events("warning"))
+        wait_until(lambda: "dead_letter_mark_failed" in h.logger.events("error"))
         h.queue.enqueue(healthy)
         assert h.queue.drain() is True
         assert h.destination.delivered == [healthy.payload_id]
@@ -417,8 +419,10 @@ class TestBatching:
         assert h.queue.drain(timeout=2.0) is True
         assert set(h.updater.delivered_ids) == healthy
 
-    def test_only_the_poison_entry_is_dead_lettered(self, start: Callable[..., Harness]) -> None:
-        """Only the entry that fails alone uses up its attempts and ends PERMANENT_FAILURE."""
+    def test_only_the_poison_entry_is_dead_lettered_after_max_attempts_writes(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        """Only the entry that fails alone ends PERMANENT_FAILURE; its batch write counts, so writes equal attempts."""
         # Given: a batch of five with one poison entry
         h = start(workers=1, batch_max=10, max_attempts=3, initial_backoff=0.001)
         entries = [make_entry() for _ in range(5)]
@@ -429,13 +433,78 @@ class TestBatching:
             h.queue.enqueue(entry)
         wait_until(lambda: len(h.updater.dead_letters) == 1)
         assert h.queue.drain() is True
-        # Then: the batch write used no attempt; the poison had max_attempts writes alone
+        # Then: the batch write was its first attempt, two writes alone the others
         (dead,) = h.updater.dead_letters
         assert (dead.entry, dead.attempts) == (poison, 3)
-        assert len(h.destination.calls_for(poison.payload_id)) == 1 + 3
+        calls = h.destination.calls_for(poison.payload_id)
+        assert [len(c.payload_ids) for c in calls] == [5, 1, 1]
+        attempts = [r.fields["attempt"] for r in h.logger.at("warning") if poison.payload_id in r.fields["payload_ids"]]
+        assert attempts == [1, 2, 3]
         healthy = [pid for pid in ids(entries) if pid != poison.payload_id]
         assert sorted(h.destination.delivered) == sorted(healthy)
         assert sorted(h.updater.delivered_ids) == sorted(healthy)
+
+
+class TestRetrySchedule:
+    """An entry waiting for its next attempt holds no delivery greenlet."""
+
+    def test_a_poison_entry_in_backoff_does_not_delay_healthy_entries(self, start: Callable[..., Harness]) -> None:
+        """With one worker and a 10 s backoff running, later healthy entries are delivered at once."""
+        # Given: one worker, and a poison entry that failed its first attempt
+        h = start(workers=1, initial_backoff=10.0, max_attempts=3)
+        poison = make_entry()
+        h.destination.poison(poison.payload_id)
+        h.queue.enqueue(poison)
+        wait_until(lambda: h.queue.retrying == 1, what="the poison entry waiting for its second attempt")
+        # When: healthy entries arrive while it waits
+        healthy = h.enqueue_new(5)
+        # Then: they are delivered long before its backoff could end, and it is still owed
+        wait_until(lambda: set(h.destination.delivered) == set(ids(healthy)), timeout=2.0)
+        assert h.queue.holds(poison.payload_id)
+        assert len(h.destination.calls_for(poison.payload_id)) == 1
+
+    def test_more_poison_entries_than_workers_leave_the_line_moving(self, start: Callable[..., Harness]) -> None:
+        """Four poison entries in backoff on two workers: a healthy entry still goes straight through."""
+        h = start(workers=2, batch_max=1, initial_backoff=10.0, max_attempts=3)
+        poisons = [make_entry() for _ in range(4)]
+        h.destination.poison(*ids(poisons))
+        for entry in poisons:
+            h.queue.enqueue(entry)
+        wait_until(lambda: h.queue.retrying == 4, what="all four poison entries in backoff")
+        (healthy,) = h.enqueue_new(1)
+        wait_until(lambda: h.destination.delivered == [healthy.payload_id], timeout=2.0)
+
+    def test_an_entry_in_backoff_is_still_outstanding_and_never_queued_twice(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        """While it waits, the entry counts as owed (Retry-After) and enqueueing it again adds nothing."""
+        h = start(workers=1, initial_backoff=10.0, max_attempts=3)
+        entry = make_entry()
+        h.destination.poison(entry.payload_id)
+        h.queue.enqueue(entry)
+        wait_until(lambda: h.queue.retrying == 1)
+        h.queue.enqueue(entry)
+        assert (h.queue.outstanding, h.queue.depth) == (1, 0)
+
+    def test_each_poison_entry_ends_after_exactly_max_attempts_on_the_spec_schedule(
+        self, start: Callable[..., Harness]
+    ) -> None:
+        """Three poison entries retried side by side: each is written max_attempts times, gaps doubling."""
+        h = start(workers=1, batch_max=1, initial_backoff=0.05, max_attempts=4)
+        poisons = [make_entry() for _ in range(3)]
+        h.destination.poison(*ids(poisons))
+        for entry in poisons:
+            h.queue.enqueue(entry)
+        wait_until(lambda: len(h.updater.dead_letters) == 3)
+        assert sorted((d.entry.payload_id, d.attempts) for d in h.updater.dead_letters) == sorted(
+            (pid, 4) for pid in ids(poisons)
+        )
+        for entry in poisons:
+            times = [c.at for c in h.destination.calls_for(entry.payload_id)]
+            assert len(times) == 4
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            for gap, expected in zip(gaps, [0.05, 0.1, 0.2], strict=True):
+                assert gap >= expected * TIMER_SLACK, (gaps, expected)
 
 
 class TestDeliveredWriteBack:
