@@ -517,6 +517,14 @@ class TestIdempotency:
         assert_error(result, 400, "invalid_idempotency_key")
         assert node.wal_pending == 0
 
+    def test_two_key_headers_are_400_and_nothing_is_stored(self, node: Node) -> None:
+        """Two Idempotency-Key headers (joined "k1,k2" by the server) answer 400, not a write under a made-up key."""
+        headers = [*bearer(TOKEN).items(), ("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]
+        result = node.client.simulate_post("/inbound/default", body=b'{"n": 1}', headers=headers)
+
+        assert_error(result, 400, "invalid_idempotency_key")
+        assert node.wal_pending == 0
+
     def test_concurrent_writes_with_one_key_make_one_entry(self, node: Node) -> None:
         """Two requests racing with the same key get the same payload_id, and one row is stored."""
         # Given two greenlets sending the same key at once (each yields inside the write path)

@@ -126,6 +126,23 @@ def optional_header(req: falcon.Request, name: str, code: str, limit: int) -> st
     return value
 
 
+def idempotency_key(req: falcon.Request) -> str | None:
+    """The Idempotency-Key, if any; 400 for two of them.
+
+    The server joins repeated headers with a comma (RFC 9110 section 5.3), so a comma
+    means the client sent two keys; nginx would hash only the first, and using the
+    joined text as one key would match neither. A key is therefore comma-free.
+    """
+    key = optional_header(req, "Idempotency-Key", "invalid_idempotency_key", MAX_KEY_LENGTH)
+    if key is not None and "," in key:
+        raise ApiError(
+            falcon.HTTP_400,
+            "invalid_idempotency_key",
+            "send one Idempotency-Key header, without commas (two headers arrive joined by a comma)",
+        )
+    return key
+
+
 @functools.lru_cache(maxsize=128)
 def _rejected_body(retry_after: int) -> bytes:
     error = ApiError(
@@ -163,7 +180,7 @@ class InboundResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response, source: str) -> None:
         req.context.source = source
         check_content_type(req)
-        key = optional_header(req, "Idempotency-Key", "invalid_idempotency_key", MAX_KEY_LENGTH)
+        key = idempotency_key(req)
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
         body = read_body(req, self._settings.max_body_bytes)
         parse_object(body)

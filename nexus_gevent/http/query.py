@@ -60,7 +60,9 @@ class QueryResource:
         raw = req.get_param("limit")
         if raw is None:
             return DEFAULT_LIMIT
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        # Only ASCII digits: str.isdigit() also takes "²" or "①", which int() refuses,
+        # and int() takes fullwidth digits, which are no number a client meant to send.
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
             raise ApiError(falcon.HTTP_400, "invalid_limit", f"limit must be an integer from 1 to {MAX_LIMIT}")
         return int(raw)
 
