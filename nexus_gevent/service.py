@@ -18,7 +18,6 @@ import gevent
 import gevent.event
 
 from . import metrics
-from .adopt import adopt_orphans
 from .config import Settings
 from .deadletters import DeadLetterStore
 from .destinations import open_destination
@@ -30,6 +29,7 @@ from .lane import Lane, RateMeter
 from .queue import Destination, Queue, QueueConfig
 from .settle import Settlement
 from .wal import DirLock, ReplayResult, Wal, claim
+from .wal.takeover import adopt_orphans
 
 State = Literal["starting", "replaying", "ready", "draining", "stopped"]
 

@@ -3,6 +3,7 @@
 from .dirlock import DirLock, claim
 from .log import DEFAULT_SEGMENT_BYTES, Wal
 from .replay import DamageReport, KeyRecord, ReplayResult, replay_directory
+from .takeover import adopt_orphans
 
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",
@@ -11,6 +12,7 @@ __all__ = [
     "KeyRecord",
     "ReplayResult",
     "Wal",
+    "adopt_orphans",
     "claim",
     "replay_directory",
 ]
