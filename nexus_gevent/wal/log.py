@@ -35,19 +35,19 @@ from .segments import list_segments, read_segment, segment_path
 T = TypeVar("T")
 
 #: Default segment size: large enough that rotation is rare, small enough that a
-#: settled segment is reclaimed soon after its entries are delivered.
+#: segment whose entries are all marked is reclaimed soon after they are delivered.
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
 class _Batch:
     """Frames waiting for one write+fsync, and who waits for them."""
 
-    __slots__ = ("chunks", "done", "entries", "error", "marks", "settled")
+    __slots__ = ("chunks", "done", "entries", "error", "marked", "marks")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.entries: list[str] = []
-        self.settled: list[str] = []
+        self.marked: list[str] = []
         #: The mark frames among `chunks`, kept apart so a failed write can hand them on.
         self.marks: list[bytes] = []
         self.done = gevent.event.Event()
@@ -155,7 +155,7 @@ class Wal:
         self._mark(records.DELIVERED, payload_ids)
 
     def mark_discarded(self, payload_ids: Sequence[str]) -> None:
-        """Settle entries that must never be delivered (they lost an idempotency race)."""
+        """Record DISCARDED for entries that must never be delivered (they lost an idempotency race)."""
         self._mark(records.DISCARDED, payload_ids)
 
     def mark_failed(self, payload_ids: Sequence[str]) -> None:
@@ -232,7 +232,7 @@ class Wal:
         frame = encode(kind, records.encode_ids(payload_ids))
         batch = self._enqueue(frame)
         batch.marks.append(frame)
-        batch.settled.extend(payload_ids)
+        batch.marked.extend(payload_ids)
 
     @staticmethod
     def _wait(batch: _Batch) -> None:
@@ -282,7 +282,7 @@ class Wal:
         nxt = self._current
         nxt.chunks[:0] = failed.marks
         nxt.marks[:0] = failed.marks
-        nxt.settled[:0] = failed.settled
+        nxt.marked[:0] = failed.marked
 
     def _account(self, seg: int, batch: _Batch) -> None:
         # Rotation happens in the thread; learn of every segment it opened, even
@@ -292,19 +292,19 @@ class Wal:
         for payload_id in batch.entries:
             self._loc[payload_id] = seg
             self._seg_pending[seg] += 1
-        for payload_id in batch.settled:
+        for payload_id in batch.marked:
             where = self._loc.pop(payload_id, None)
             if where is not None:
                 self._seg_pending[where] -= 1
-        if batch.settled and len(self._segments) > 1 and self._replayed:
+        if batch.marked and len(self._segments) > 1 and self._replayed:
             self.reclaim()
 
     def reclaim(self) -> None:
-        """Delete the oldest segments while every entry in them is settled.
+        """Delete the oldest segments while every entry in them is marked (no longer PENDING).
 
         Only a prefix is deleted: a mark always lives in the same or a later
         segment than its entry, so deleting oldest-first never strands an entry
-        whose settling mark was removed.
+        whose mark was removed.
         """
         if not self._replayed:
             # Before replay, no segment's pending count is known yet.
@@ -320,7 +320,7 @@ class Wal:
             freed: int = self._pool.apply(self._unlink, (doomed,))
         except OSError as exc:
             # Reclaim only frees space: it must never take the flusher down with it.
-            # The segments stay listed, so the next settle tries again.
+            # The segments stay listed, so the next mark tries again.
             self._log.error("wal_reclaim_failed", directory=str(self.directory), error=str(exc), errno=exc.errno)
             return
         del self._segments[: len(doomed)]

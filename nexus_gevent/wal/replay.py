@@ -57,7 +57,7 @@ Progress = Callable[[int, int, int], None]
 
 
 def replay_directory(directory: Path, progress: Progress | None = None, *, below: int | None = None) -> ReplayResult:
-    """Read every segment of `directory`, oldest first, and settle entries by their marks.
+    """Read every segment of `directory`, oldest first, and fold its records into the PENDING entries.
 
     Later records win, so an entry put back to PENDING (a retried dead letter) is
     pending again. Never raises on damage: each damaged run is reported and skipped.
@@ -80,7 +80,7 @@ def replay_directory(directory: Path, progress: Progress | None = None, *, below
     finally:
         if collecting:
             gc.enable()
-    # Only pending entries' keys matter: a settled entry's key was claimed when it
+    # Only pending entries' keys matter: a marked entry's key was claimed when it
     # was written, before its client got an answer.
     result.keys = [
         KeyRecord(e.source, e.idempotency_key, e.payload_id, e.received_at)
@@ -92,14 +92,14 @@ def replay_directory(directory: Path, progress: Progress | None = None, *, below
 
 
 def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress: Progress | None) -> None:
-    """The body of replay_directory: settle every record of `segs` into `result`."""
+    """The body of replay_directory: fold every record of `segs` into `result`."""
     for done, (number, path) in enumerate(segs):
         result.segments.append(number)
         try:
             buf = path.read_bytes()
         except FileNotFoundError:
             buf = b""
-        pos = _settle_intact(buf, number, path, result)
+        pos = _fold_intact(buf, number, path, result)
         if pos < len(buf):
             # Damage: the general scanner finds and reports each damaged run and goes
             # on with the intact records after it. Rare, so its cost per record is moot.
@@ -107,19 +107,19 @@ def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress:
                 if type(item) is Damage:
                     result.damage.append(DamageReport(path, item.offset, item.length, item.reason))
                 else:
-                    _settle_record(item, number, path, result)  # type: ignore[arg-type]
+                    _fold_record(item, number, path, result)  # type: ignore[arg-type]
         if progress is not None:
             progress(result.records, done + 1, len(segs))
 
 
-def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) -> int:
-    """Settle the intact records at the start of `buf`; returns where the first damage begins.
+def _fold_intact(buf: bytes, number: int, path: Path, result: ReplayResult) -> int:
+    """Fold the intact records at the start of `buf`; returns where the first damage begins.
 
     The fast path of replay, and the reason it is written out by hand: it runs once
     per record at startup. It checks each frame where it lies and decodes an entry
     straight from the segment's bytes, with no Frame, no generator and no copy of the
     record's body (replay went from about 8 to 6 us a record). Anything but an intact
-    entry record goes through _settle_record, as the slow path's records do.
+    entry record goes through _fold_record, as the slow path's records do.
     """
     pending = result.pending
     pop = pending.pop
@@ -150,7 +150,7 @@ def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) ->
             pending[payload_id] = (entry, number)
             entries += 1
         else:
-            _settle_record(Frame(pos, buf[pos + KIND_AT], buf[start:stop]), number, path, result)
+            _fold_record(Frame(pos, buf[pos + KIND_AT], buf[start:stop]), number, path, result)
         pos = stop
     result.records += entries
     if entries:
@@ -160,8 +160,8 @@ def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) ->
     return pos
 
 
-def _settle_record(frame: Frame, number: int, path: Path, result: ReplayResult) -> None:
-    """Settle one intact record into `result`; an unreadable body is reported as damage."""
+def _fold_record(frame: Frame, number: int, path: Path, result: ReplayResult) -> None:
+    """Fold one intact record into `result`; an unreadable body is reported as damage."""
     pending = result.pending
     kind, body = frame.kind, frame.body
     try:
@@ -171,10 +171,10 @@ def _settle_record(frame: Frame, number: int, path: Path, result: ReplayResult) 
                 result.counts["revived"] += 1
             pending[entry.payload_id] = (entry, number)
             result.counts["entry"] += 1
-        elif kind in records.SETTLING_KINDS:
+        elif kind in records.MARK_KINDS:
             ids = records.decode_ids(body)
-            for settled in ids:
-                pending.pop(settled, None)
+            for marked in ids:
+                pending.pop(marked, None)
             result.counts[records.KIND_NAMES[kind]] += len(ids)
         else:
             raise ValueError(f"unknown record kind {kind}")
