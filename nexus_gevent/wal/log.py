@@ -29,6 +29,7 @@ from ..entry import Entry
 from ..errors import WalUnavailable
 from . import records
 from ._frame import Frame, encode
+from .fold import Fold, mark_status
 from .replay import Progress, ReplayResult, replay_directory
 from .segments import list_segments, read_segment, segment_path
 
@@ -47,7 +48,8 @@ class _Batch:
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.entries: list[str] = []
-        self.marked: list[str] = []
+        #: What the batch's marks say: (status, payload ids), one pair per mark frame.
+        self.marked: list[tuple[str, list[str]]] = []
         #: The mark frames among `chunks`, kept apart so a failed write can hand them on.
         self.marks: list[bytes] = []
         self.done = gevent.event.Event()
@@ -78,7 +80,8 @@ class Wal:
         self._live_from = -1
         #: The batch the flusher is writing now, so flush() can wait for it too.
         self._writing: _Batch | None = None
-        self._loc: dict[str, int] = {}
+        #: The fold of every record written or replayed: each pending entry's segment.
+        self._live: Fold[int] = Fold()
         self._seg_pending: Counter[int] = Counter()
         self._segments: list[int] = []
         self._bytes_on_disk = 0
@@ -95,10 +98,12 @@ class Wal:
         """
         below = self._live_from if self._started else None
         result: ReplayResult = self._pool.apply(replay_directory, (self.directory, progress), {"below": below})
-        # Built by comprehension (one pass at C speed), and an id already live (written
-        # again since start, e.g. a retried dead letter) keeps its live place: counting
-        # it in its old segment too would pin that segment forever.
-        live = self._loc
+        # The older segments' records all come before the live ones, so where both name
+        # an id the live record wins (the fold's rule): an id already live (written again
+        # since start, e.g. a retried dead letter) keeps its live place, and counting it
+        # in its old segment too would pin that segment forever. Merged by comprehension
+        # (one pass at C speed) rather than record by record through the fold.
+        live = self._live.pending
         found = {pid: seg for pid, (_entry, seg) in result.pending.items() if pid not in live}
         live.update(found)
         self._seg_pending.update(found.values())
@@ -195,7 +200,7 @@ class Wal:
         overflowed). Reads in the I/O thread; the set of pending ids is snapshotted
         here on the hub, so the thread never touches live state.
         """
-        pending = frozenset(self._loc)
+        pending = frozenset(self._live.pending)
         numbers = list(self._segments)
         return self._pool.apply(_scan_pending, (self.directory, numbers, pending, destination, limit))
 
@@ -203,7 +208,7 @@ class Wal:
 
     @property
     def pending_count(self) -> int:
-        return len(self._loc)
+        return len(self._live.pending)
 
     @property
     def size_bytes(self) -> int:
@@ -214,7 +219,7 @@ class Wal:
         return len(self._segments)
 
     def is_pending(self, payload_id: str) -> bool:
-        return payload_id in self._loc
+        return payload_id in self._live.pending
 
     # -- internals: hub side -------------------------------------------------
 
@@ -232,7 +237,7 @@ class Wal:
         frame = encode(kind, records.encode_ids(payload_ids))
         batch = self._enqueue(frame)
         batch.marks.append(frame)
-        batch.marked.extend(payload_ids)
+        batch.marked.append((mark_status(kind), list(payload_ids)))
 
     @staticmethod
     def _wait(batch: _Batch) -> None:
@@ -289,13 +294,15 @@ class Wal:
         # ones a failed write left empty, so reclaim can delete them.
         last = self._segments[-1] if self._segments else seg - 1
         self._segments.extend(range(last + 1, seg + 1))
+        live = self._live
         for payload_id in batch.entries:
-            self._loc[payload_id] = seg
+            live.entry(payload_id, seg)
             self._seg_pending[seg] += 1
-        for payload_id in batch.marked:
-            where = self._loc.pop(payload_id, None)
-            if where is not None:
-                self._seg_pending[where] -= 1
+        for status, payload_ids in batch.marked:
+            for payload_id in payload_ids:
+                where = live.end(payload_id, status)
+                if where is not None:
+                    self._seg_pending[where] -= 1
         if batch.marked and len(self._segments) > 1 and self._replayed:
             self.reclaim()
 

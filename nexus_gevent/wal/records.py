@@ -14,7 +14,6 @@ FAILED = ord("F")
 #: An entry that lost an idempotency race: marked without delivery.
 DISCARDED = ord("X")
 
-MARK_KINDS = frozenset((DELIVERED, FAILED, DISCARDED))
 KIND_NAMES = {ENTRY: "entry", DELIVERED: "delivered", FAILED: "failed", DISCARDED: "discarded"}
 
 _ID_LEN = 32
