@@ -25,6 +25,7 @@ import gevent
 import gevent.event
 from gevent.threadpool import ThreadPool
 
+from .._files import fsync_directory
 from ..entry import Entry
 from ..errors import WalUnavailable
 from . import records
@@ -57,7 +58,12 @@ class _Batch:
 
 
 class Wal:
-    """One worker's WAL directory. Call replay(), then start(), then append and mark."""
+    """One worker's WAL directory. start(), then append and mark; replay() the older segments meanwhile.
+
+    The service calls start() first, so the worker takes writes at once, and runs
+    replay() in the background; until replay returns, nothing is reclaimed. Calling
+    replay() before start() works too (tests and benchmarks do).
+    """
 
     def __init__(self, directory: Path, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, logger: Any) -> None:
         self.directory = directory
@@ -358,7 +364,7 @@ class Wal:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_DSYNC
         fd = os.open(path, flags, 0o600)
         try:
-            self._fsync_dir()
+            fsync_directory(self.directory)
         except OSError:
             # Remove the empty file we just made, or every retry's O_EXCL would fail.
             os.close(fd)
@@ -399,18 +405,11 @@ class Wal:
                 path.unlink()
             except FileNotFoundError:
                 continue
-        self._fsync_dir()
+        fsync_directory(self.directory)
         return freed
 
     def _disk_usage(self) -> int:
         return sum(path.stat().st_size for _n, path in list_segments(self.directory))
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _close_fd(self) -> None:
         if self._fd >= 0:
