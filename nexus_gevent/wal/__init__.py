@@ -2,14 +2,13 @@
 
 from .dirlock import DirLock, claim
 from .log import DEFAULT_SEGMENT_BYTES, Wal
-from .replay import DamageReport, KeyRecord, ReplayResult, replay_directory
+from .replay import DamageReport, ReplayResult, replay_directory
 from .takeover import adopt_orphans
 
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",
     "DamageReport",
     "DirLock",
-    "KeyRecord",
     "ReplayResult",
     "Wal",
     "adopt_orphans",

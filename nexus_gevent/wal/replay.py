@@ -27,22 +27,11 @@ class DamageReport:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """An idempotency key seen in the WAL, to rebuild the key index after a crash."""
-
-    source: str
-    key: str
-    payload_id: str
-    received_at: float
-
-
 @dataclass
 class ReplayResult:
     """What the WAL holds. `pending` keeps WAL order: oldest first."""
 
     pending: dict[str, tuple[Entry, int]] = field(default_factory=dict)
-    keys: list[KeyRecord] = field(default_factory=list)
     damage: list[DamageReport] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     segments: list[int] = field(default_factory=list)
@@ -61,13 +50,12 @@ def replay_directory(directory: Path, progress: Progress | None = None, *, below
     """Read every segment of `directory`, oldest first, and fold its records into the PENDING entries.
 
     The rules are wal.fold's: later records win, so an entry put back to PENDING (a
-    retried dead letter) is pending again. Never raises on damage: each damaged run is reported and skipped.
-    Segments numbered `below` and up are left out: they are being written now.
+    retried dead letter) is pending again. Never raises on damage: each damaged run
+    is reported and skipped. Segments numbered `below` and up are left out: they are being written now.
     """
     started = time.monotonic()
     fold: Fold[tuple[Entry, int]] = Fold()
     result = ReplayResult(pending=fold.pending)
-    pending = result.pending
     segs = [(n, p) for n, p in list_segments(directory) if below is None or n < below]
     # Replay allocates a few objects per record and keeps most of them (the pending
     # entries), which sets off the cyclic collector over and over, each pass walking
@@ -82,13 +70,6 @@ def replay_directory(directory: Path, progress: Progress | None = None, *, below
     finally:
         if collecting:
             gc.enable()
-    # Only pending entries' keys matter: a marked entry's key was claimed when it
-    # was written, before its client got an answer.
-    result.keys = [
-        KeyRecord(e.source, e.idempotency_key, e.payload_id, e.received_at)
-        for e, _n in pending.values()
-        if e.idempotency_key is not None
-    ]
     result.seconds = time.monotonic() - started
     return result
 
