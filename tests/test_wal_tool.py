@@ -22,7 +22,9 @@ import orjson
 import pytest
 
 import nexus_gevent
-from nexus_gevent.cli import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, datadir, main
+from nexus_gevent import datadir
+from nexus_gevent.cli import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, main
+from nexus_gevent.cli import datadir as tool_datadir
 from nexus_gevent.cli.progress import Progress
 from nexus_gevent.deadletters import DeadLetterStore
 from nexus_gevent.entry import Entry
@@ -498,12 +500,16 @@ class TestDataDirectory:
         assert lines[0].startswith("wal: 30 records, 3/4 segments, 50 records/s")
         assert lines[1].startswith("wal: 40 records, 4/4 segments")
 
-    def test_file_names_match_the_service(self) -> None:
-        """The tool's copies of the data directory's file names agree with the service's."""
-        from nexus_gevent import service
+    def test_the_tool_finds_the_wal_and_dead_letters_where_the_service_puts_them(self, tmp_path: Path) -> None:
+        """The tool reads the WAL directories and dead-letters file at the paths nexus_gevent.datadir gives."""
+        # Given a data directory laid out by nexus_gevent.datadir, as the service lays it out
+        wal_dir = datadir.wal_root(tmp_path) / "w0"
+        write_wal(wal_dir, [make_entry(0)])
+        DeadLetterStore(datadir.dead_letters_file(tmp_path)).close()
 
-        assert datadir.WAL_DIRNAME == service.WAL_DIRNAME
-        assert datadir.DEAD_LETTERS_FILENAME == service.DEAD_LETTERS_FILENAME
+        # When the tool looks for them, Then it finds exactly those
+        assert tool_datadir.wal_directories(tmp_path) == [wal_dir]
+        assert tool_datadir.dead_letters_file(tmp_path) == datadir.dead_letters_file(tmp_path)
 
     def test_module_entry_point_runs_verify(self, w0: Path) -> None:
         """`python -m nexus_gevent wal verify` runs as a process and exits with the verify code."""
