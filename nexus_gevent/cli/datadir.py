@@ -8,7 +8,6 @@ when that is set.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import datadir as layout
-from ..wal.dirlock import LOCK_NAME, existing_dirs
+from ..wal.dirlock import LOCK_NAME, existing_dirs, flock_or_close
 
 
 class ToolError(Exception):
@@ -87,11 +86,4 @@ def _lock_shared(lock_file: Path) -> int | None:
         fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
+    return fd if flock_or_close(fd, fcntl.LOCK_SH) else None
