@@ -31,6 +31,7 @@ from nexus_gevent.testing import RecordingLogger, make_entry
 from nexus_gevent.wal import _frame, records
 from nexus_gevent.wal._frame import HEADER_SIZE, MAGIC, Damage, Frame, encode, scan
 from nexus_gevent.wal.dirlock import LOCK_NAME, DirLock, claim, existing_dirs, try_lock
+from nexus_gevent.wal.fold import DELIVERED, DISCARDED, FAILED, PENDING, Fold
 from nexus_gevent.wal.log import DEFAULT_SEGMENT_BYTES, Wal
 from nexus_gevent.wal.replay import DamageReport, replay_directory
 from nexus_gevent.wal.segments import list_segments, segment_path
@@ -389,6 +390,41 @@ class TestRecords:
 
 
 # -- replay ----------------------------------------------------------------------
+
+
+class TestFold:
+    def test_the_later_record_wins_and_marks_before_an_entry_end_nothing(self) -> None:
+        """An entry record makes an id pending at its new place; a mark ends it; a mark before it counts unmatched."""
+        fold: Fold[int] = Fold(keep_ended=True)
+        a, b = numbered(1).payload_id, numbered(2).payload_id
+
+        fold.mark(records.DELIVERED, records.encode_ids([b]))
+        fold.entry(a, 0)
+        fold.entry(b, 0)
+        fold.mark(records.FAILED, records.encode_ids([a]))
+        was_pending = fold.entry(a, 1)
+
+        assert not was_pending
+        assert list(fold.pending) == [b, a]
+        assert fold.pending[a] == 1
+        assert fold.unmatched == 1
+        assert fold.counts() == {PENDING: 2, DELIVERED: 0, FAILED: 0, DISCARDED: 0}
+
+    def test_a_mark_gives_its_status_and_an_unknown_kind_is_an_error(self) -> None:
+        """Each mark kind gives its own status, the later mark winning; a record of no known kind raises ValueError."""
+        fold: Fold[int] = Fold(keep_ended=True)
+        ids = [numbered(i).payload_id for i in range(3)]
+        for payload_id in ids:
+            fold.entry(payload_id, 0)
+
+        fold.mark(records.DELIVERED, records.encode_ids(ids[:2]))
+        fold.mark(records.DISCARDED, records.encode_ids(ids[1:2]))
+        fold.mark(records.FAILED, records.encode_ids(ids[2:]))
+
+        assert [fold.status(i) for i in ids] == [DELIVERED, DISCARDED, FAILED]
+        assert len(fold) == 3
+        with pytest.raises(ValueError, match="unknown record kind"):
+            fold.mark(ord("?"), records.encode_ids(ids))
 
 
 class TestReplay:
