@@ -30,10 +30,6 @@ class WalUnavailable(WalError):
     """The WAL could not make an entry durable (disk full, I/O error)."""
 
 
-class WalLocked(WalError):
-    """Every WAL directory is held by another live worker."""
-
-
 class DestinationError(NexusError):
     """Base of the errors a destination raises from a write."""
 

@@ -20,7 +20,6 @@ import gevent
 import gevent.event
 
 from . import datadir, metrics
-from .adopt import adopt_orphans
 from .backlog import Backlog
 from .config import Settings
 from .deadletters import DeadLetterStore
@@ -31,7 +30,7 @@ from .logs import Logger
 from .outcomes import Outcomes
 from .queue import Destination
 from .status import DestinationStatus, ServiceStatus, wal_directories
-from .wal import DirLock, ReplayResult, Wal
+from .wal import DirLock, ReplayResult, Wal, adopt_orphans
 
 #: Replay logs its progress at most this often.
 REPLAY_PROGRESS_INTERVAL = 2.0

@@ -17,7 +17,6 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,11 +27,13 @@ import pytest
 import nexus_gevent
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import WalUnavailable
+from nexus_gevent.testing import RecordingLogger, make_entry
 from nexus_gevent.wal import _frame, records
 from nexus_gevent.wal._frame import HEADER_SIZE, MAGIC, Damage, Frame, encode, scan
 from nexus_gevent.wal.dirlock import LOCK_NAME, DirLock, claim, existing_dirs, try_lock
+from nexus_gevent.wal.fold import DELIVERED, DISCARDED, FAILED, PENDING, Fold
 from nexus_gevent.wal.log import DEFAULT_SEGMENT_BYTES, Wal
-from nexus_gevent.wal.replay import DamageReport, KeyRecord, replay_directory
+from nexus_gevent.wal.replay import DamageReport, replay_directory
 from nexus_gevent.wal.segments import list_segments, segment_path
 
 #: Offsets inside a frame header: MAGIC(4) | crc(4) | length(4) | kind(1) | body.
@@ -50,7 +51,7 @@ HANG_GUARD_SECONDS = 10
 # -- helpers ---------------------------------------------------------------------
 
 
-def make_entry(
+def numbered(
     i: int,
     *,
     subject: str | None = None,
@@ -58,15 +59,10 @@ def make_entry(
     payload: bytes | None = None,
     source: str = "web",
 ) -> Entry:
-    return Entry(
-        payload_id=f"{i:032x}",
-        source=source,
-        destination="main",
-        payload=payload if payload is not None else orjson.dumps({"n": i}),
-        received_at=1_700_000_000.0 + i,
-        subject=subject,
-        idempotency_key=key,
-    )
+    """testing.make_entry, numbered: its id and receive time follow from `i`, so records can be predicted."""
+    body = payload if payload is not None else orjson.dumps({"n": i})
+    entry = make_entry(f"{i:032x}", payload=body, source=source, destination="main")
+    return entry._replace(received_at=1_700_000_000.0 + i, subject=subject, idempotency_key=key)
 
 
 def entry_frame(entry: Entry) -> bytes:
@@ -98,39 +94,9 @@ def pending_ids(directory: Path) -> list[str]:
     return list(replay_directory(directory).pending)
 
 
-@dataclass
-class LogCall:
-    level: str
-    event: str
-    fields: dict[str, object]
-
-
-@dataclass
-class RecordingLogger:
-    """A structlog-shaped logger that keeps every call."""
-
-    calls: list[LogCall] = field(default_factory=list)
-
-    def _record(self, level: str, event: str, fields: dict[str, object]) -> None:
-        self.calls.append(LogCall(level, event, fields))
-
-    def debug(self, event: str, **fields: object) -> None:
-        self._record("debug", event, fields)
-
-    def info(self, event: str, **fields: object) -> None:
-        self._record("info", event, fields)
-
-    def warning(self, event: str, **fields: object) -> None:
-        self._record("warning", event, fields)
-
-    def error(self, event: str, **fields: object) -> None:
-        self._record("error", event, fields)
-
-    def exception(self, event: str, **fields: object) -> None:
-        self._record("exception", event, fields)
-
-    def at(self, level: str, event: str) -> list[dict[str, object]]:
-        return [c.fields for c in self.calls if c.level == level and c.event == event]
+def logged(log: RecordingLogger, level: str, event: str) -> list[dict[str, Any]]:
+    """The fields of every `event` logged at `level`."""
+    return [r.fields for r in log.at(level) if r.event == event]
 
 
 def is_write_through(fd: int) -> bool:
@@ -263,7 +229,7 @@ class TestFrameScan:
     def test_a_flipped_bit_fails_the_checksum_and_costs_only_that_record(self, region: str, at: int) -> None:
         """One flipped bit in the body, length, kind or crc makes that record damage; its neighbours survive."""
         # Given three records, the middle one with one bit flipped in `region`
-        frames = [entry_frame(make_entry(i)) for i in range(3)]
+        frames = [entry_frame(numbered(i)) for i in range(3)]
         damaged = flip(frames[1], at)
 
         # When the buffer is scanned
@@ -283,24 +249,24 @@ class TestFrameScan:
         self, mask_at: tuple[int, int], reason: str
     ) -> None:
         """A damaged length that claims more bytes than exist is damage; the scanner resyncs on the next magic."""
-        frames = [entry_frame(make_entry(i)) for i in range(3)]
+        frames = [entry_frame(numbered(i)) for i in range(3)]
         at, mask = mask_at
 
         found = list(scan(frames[0] + flip(frames[1], at, mask) + frames[2]))
 
         assert found[1] == Damage(len(frames[0]), len(frames[1]), reason)
         assert isinstance(found[2], Frame)
-        assert records.decode_entry(found[2].body) == make_entry(2)
+        assert records.decode_entry(found[2].body) == numbered(2)
 
     def test_scan_resynchronises_after_a_corrupt_middle_record(self) -> None:
         """Every intact record after a corrupt one is still found."""
-        frames = [entry_frame(make_entry(i)) for i in range(6)]
+        frames = [entry_frame(numbered(i)) for i in range(6)]
         frames[1] = flip(frames[1], HEADER_SIZE + 5)
 
         found = list(scan(b"".join(frames)))
 
         intact = [records.decode_entry(x.body).payload_id for x in found if isinstance(x, Frame)]
-        assert intact == [make_entry(i).payload_id for i in (0, 2, 3, 4, 5)]
+        assert intact == [numbered(i).payload_id for i in (0, 2, 3, 4, 5)]
         damage = [x for x in found if isinstance(x, Damage)]
         assert damage == [Damage(len(frames[0]), len(frames[1]), "checksum mismatch")]
 
@@ -316,19 +282,19 @@ class TestFrameScan:
     )
     def test_a_torn_tail_is_damage_at_the_torn_record(self, cut_into: int, reason: str) -> None:
         """A file cut inside its last record reports one Damage from that record's start to the end, without raising."""
-        frames = [entry_frame(make_entry(i)) for i in range(2)]
+        frames = [entry_frame(numbered(i)) for i in range(2)]
         buf = frames[0] + frames[1][:cut_into]
 
         found = list(scan(buf))
 
         assert found == [
-            Frame(0, records.ENTRY, records.encode_entry(make_entry(0))),
+            Frame(0, records.ENTRY, records.encode_entry(numbered(0))),
             Damage(len(frames[0]), cut_into, reason),
         ]
 
     def test_adjacent_damaged_records_are_reported_as_one_run(self) -> None:
         """Two corrupt records in a row are one Damage covering both."""
-        frames = [entry_frame(make_entry(i)) for i in range(4)]
+        frames = [entry_frame(numbered(i)) for i in range(4)]
         frames[1] = flip(frames[1], HEADER_SIZE)
         frames[2] = flip(frames[2], KIND_AT)
 
@@ -338,7 +304,7 @@ class TestFrameScan:
 
     def test_separate_damaged_records_are_reported_separately(self) -> None:
         """Two corrupt records with an intact one between them are two Damage runs."""
-        frames = [entry_frame(make_entry(i)) for i in range(4)]
+        frames = [entry_frame(numbered(i)) for i in range(4)]
         frames[0] = flip(frames[0], HEADER_SIZE)
         frames[2] = flip(frames[2], HEADER_SIZE)
 
@@ -348,7 +314,7 @@ class TestFrameScan:
 
     def test_garbage_after_the_last_record_is_one_damaged_run(self) -> None:
         """Bytes appended after valid records are reported as damage where they start."""
-        frames = b"".join(entry_frame(make_entry(i)) for i in range(2))
+        frames = b"".join(entry_frame(numbered(i)) for i in range(2))
         garbage = b"\xff\xfenot a record\x00NX"
 
         found = list(scan(frames + garbage))
@@ -359,11 +325,11 @@ class TestFrameScan:
     def test_garbage_before_the_first_record_does_not_hide_it(self) -> None:
         """Leading garbage is one damaged run at offset 0, and the records after it are found."""
         garbage = b"garbage!"
-        frame = entry_frame(make_entry(0))
+        frame = entry_frame(numbered(0))
 
         assert list(scan(garbage + frame)) == [
             Damage(0, len(garbage), "bad magic"),
-            Frame(len(garbage), records.ENTRY, records.encode_entry(make_entry(0))),
+            Frame(len(garbage), records.ENTRY, records.encode_entry(numbered(0))),
         ]
 
 
@@ -373,12 +339,12 @@ class TestFrameScan:
 class TestRecords:
     def test_an_entry_round_trips_with_every_field(self) -> None:
         """encode_entry/decode_entry keep every field, subject and idempotency key included."""
-        entry = make_entry(1, subject="orders", key="k-1")
+        entry = numbered(1, subject="orders", key="k-1")
         assert records.decode_entry(records.encode_entry(entry)) == entry
 
     def test_an_entry_without_subject_or_key_round_trips_to_none(self) -> None:
         """A missing subject and idempotency key come back as None, not as empty strings."""
-        entry = make_entry(2)
+        entry = numbered(2)
         decoded = records.decode_entry(records.encode_entry(entry))
         assert decoded == entry
         assert decoded.subject is None
@@ -387,7 +353,7 @@ class TestRecords:
     def test_unicode_and_newlines_and_backslashes_survive_byte_for_byte(self) -> None:
         """Unicode metadata and a payload holding raw newlines and backslashes decode to the same bytes."""
         payload = b'{\n  "path": "C:\\\\tmp\\\\x",\n  "text": "line1\\nline2 \xc3\xa9\xf0\x9f\x98\x80"\n}\n'
-        entry = make_entry(3, subject="sujet \u00e9\u4e2d\n", key='cl\u00e9\\"', payload=payload, source="s\u00f8urce")
+        entry = numbered(3, subject="sujet \u00e9\u4e2d\n", key='cl\u00e9\\"', payload=payload, source="s\u00f8urce")
 
         decoded = records.decode_entry(records.encode_entry(entry))
 
@@ -396,7 +362,7 @@ class TestRecords:
 
     def test_an_entry_body_never_holds_the_frame_magic(self) -> None:
         """The metadata is JSON text without a NUL byte, so no entry body can forge a frame."""
-        entry = make_entry(4, subject="\x00NXR", key="\x00", source="\x00NXR")
+        entry = numbered(4, subject="\x00NXR", key="\x00", source="\x00NXR")
         assert MAGIC not in records.encode_entry(entry)
         assert records.decode_entry(records.encode_entry(entry)) == entry
 
@@ -407,7 +373,7 @@ class TestRecords:
 
     def test_ids_round_trip(self) -> None:
         """encode_ids/decode_ids keep several 32-character ids, in order."""
-        ids = [make_entry(i).payload_id for i in (5, 1, 9)]
+        ids = [numbered(i).payload_id for i in (5, 1, 9)]
         body = records.encode_ids(ids)
         assert len(body) == 32 * 3
         assert records.decode_ids(body) == ids
@@ -426,11 +392,46 @@ class TestRecords:
 # -- replay ----------------------------------------------------------------------
 
 
+class TestFold:
+    def test_the_later_record_wins_and_marks_before_an_entry_end_nothing(self) -> None:
+        """An entry record makes an id pending at its new place; a mark ends it; a mark before it counts unmatched."""
+        fold: Fold[int] = Fold(keep_ended=True)
+        a, b = numbered(1).payload_id, numbered(2).payload_id
+
+        fold.mark(records.DELIVERED, records.encode_ids([b]))
+        fold.entry(a, 0)
+        fold.entry(b, 0)
+        fold.mark(records.FAILED, records.encode_ids([a]))
+        was_pending = fold.entry(a, 1)
+
+        assert not was_pending
+        assert list(fold.pending) == [b, a]
+        assert fold.pending[a] == 1
+        assert fold.unmatched == 1
+        assert fold.counts() == {PENDING: 2, DELIVERED: 0, FAILED: 0, DISCARDED: 0}
+
+    def test_a_mark_gives_its_status_and_an_unknown_kind_is_an_error(self) -> None:
+        """Each mark kind gives its own status, the later mark winning; a record of no known kind raises ValueError."""
+        fold: Fold[int] = Fold(keep_ended=True)
+        ids = [numbered(i).payload_id for i in range(3)]
+        for payload_id in ids:
+            fold.entry(payload_id, 0)
+
+        fold.mark(records.DELIVERED, records.encode_ids(ids[:2]))
+        fold.mark(records.DISCARDED, records.encode_ids(ids[1:2]))
+        fold.mark(records.FAILED, records.encode_ids(ids[2:]))
+
+        assert [fold.status(i) for i in ids] == [DELIVERED, DISCARDED, FAILED]
+        assert len(fold) == 3
+        with pytest.raises(ValueError, match="unknown record kind"):
+            fold.mark(ord("?"), records.encode_ids(ids))
+
+
 class TestReplay:
     def test_pending_is_entries_minus_every_settling_mark_in_wal_order(self, wal_dir: Path) -> None:
         """Replay yields exactly the entries not marked delivered, failed or discarded, oldest first."""
         # Given six entries across two segments, three of them settled by each kind of mark
-        e = [make_entry(i) for i in range(6)]
+        e = [numbered(i) for i in range(6)]
         write_segment(wal_dir, 0, *(entry_frame(x) for x in e[:4]), mark_frame(records.DELIVERED, e[0], e[2]))
         write_segment(
             wal_dir,
@@ -455,7 +456,7 @@ class TestReplay:
 
     def test_segments_are_replayed_in_numeric_order(self, wal_dir: Path) -> None:
         """Segment 10 is read after segment 2, so its marks settle entries of segment 2."""
-        e = make_entry(1)
+        e = numbered(1)
         write_segment(wal_dir, 10, mark_frame(records.DELIVERED, e))
         write_segment(wal_dir, 2, entry_frame(e))
 
@@ -466,14 +467,14 @@ class TestReplay:
 
     def test_a_mark_before_its_entry_does_not_settle_it(self, wal_dir: Path) -> None:
         """Later records win: an entry written after a mark for its id is pending."""
-        e = make_entry(1)
+        e = numbered(1)
         write_segment(wal_dir, 0, mark_frame(records.DELIVERED, e), entry_frame(e))
 
         assert pending_ids(wal_dir) == [e.payload_id]
 
     def test_a_later_entry_record_revives_a_settled_id_at_its_new_place(self, wal_dir: Path) -> None:
         """A settled entry written again (a retried dead letter) is pending again, ordered by its new record."""
-        e0, e1 = make_entry(0), make_entry(1)
+        e0, e1 = numbered(0), numbered(1)
         write_segment(wal_dir, 0, entry_frame(e0), entry_frame(e1), mark_frame(records.FAILED, e0))
         write_segment(wal_dir, 1, entry_frame(e0))
 
@@ -483,8 +484,8 @@ class TestReplay:
         assert result.pending[e0.payload_id] == (e0, 1)
 
     def test_idempotency_keys_of_pending_entries_are_collected_for_the_index(self, wal_dir: Path) -> None:
-        """Every pending entry with an idempotency key yields a KeyRecord; a settled one's key was claimed long ago."""
-        settled, keyed, plain = make_entry(0, key="k0"), make_entry(1, key="k1"), make_entry(2)
+        """Pending entries come back with their idempotency keys, for the index; a marked one's was claimed long ago."""
+        settled, keyed, plain = numbered(0, key="k0"), numbered(1, key="k1"), numbered(2)
         write_segment(
             wal_dir,
             0,
@@ -496,12 +497,18 @@ class TestReplay:
 
         result = replay_directory(wal_dir)
 
-        assert result.keys == [KeyRecord("web", "k1", keyed.payload_id, keyed.received_at)]
+        # Then exactly the pending keyed entry yields a key, with what the index stores for it
+        keys = [
+            (e.source, e.idempotency_key, e.payload_id, e.received_at)
+            for e, _seg in result.pending.values()
+            if e.idempotency_key is not None
+        ]
+        assert keys == [("web", "k1", keyed.payload_id, keyed.received_at)]
 
     def test_a_corrupt_middle_record_is_skipped_counted_and_the_rest_still_counts(self, wal_dir: Path) -> None:
         """A corrupt record costs only itself: it is reported with file and offset, and later records still apply."""
         # Given e1's record corrupt, and a later mark settling e0
-        e = [make_entry(i) for i in range(3)]
+        e = [numbered(i) for i in range(3)]
         frames = [entry_frame(x) for x in e]
         path = write_segment(
             wal_dir, 0, frames[0], flip(frames[1], HEADER_SIZE + 3), frames[2], mark_frame(records.DELIVERED, e[0])
@@ -517,7 +524,7 @@ class TestReplay:
 
     def test_a_torn_tail_is_reported_and_every_record_before_it_counts(self, wal_dir: Path) -> None:
         """A record cut short at the end of a segment is damage at its offset; records before it replay."""
-        e = [make_entry(i) for i in range(3)]
+        e = [numbered(i) for i in range(3)]
         frames = [entry_frame(x) for x in e]
         path = write_segment(wal_dir, 0, frames[0], frames[1], frames[2][: len(frames[2]) // 2])
 
@@ -529,7 +536,7 @@ class TestReplay:
 
     def test_a_torn_tail_in_an_old_segment_does_not_stop_later_segments(self, wal_dir: Path) -> None:
         """Damage at the end of one segment leaves the next segment fully replayed."""
-        e = [make_entry(i) for i in range(3)]
+        e = [numbered(i) for i in range(3)]
         write_segment(wal_dir, 0, entry_frame(e[0]), entry_frame(e[1])[:9])
         write_segment(wal_dir, 1, entry_frame(e[2]), mark_frame(records.DELIVERED, e[0]))
 
@@ -568,7 +575,7 @@ class TestReplay:
     )
     def test_an_undecodable_but_checksummed_body_is_damage_not_an_exception(self, wal_dir: Path, bad: bytes) -> None:
         """A CRC-valid record whose body cannot be read is reported as damage and skipped."""
-        e0, e1 = make_entry(0), make_entry(1)
+        e0, e1 = numbered(0), numbered(1)
         first = entry_frame(e0)
         path = write_segment(wal_dir, 0, first, bad, entry_frame(e1))
 
@@ -583,8 +590,8 @@ class TestReplay:
 
     def test_progress_is_reported_after_each_segment(self, wal_dir: Path) -> None:
         """The progress callback sees (records, segments done, segments in all) once per segment."""
-        write_segment(wal_dir, 0, entry_frame(make_entry(0)), entry_frame(make_entry(1)))
-        write_segment(wal_dir, 1, entry_frame(make_entry(2)))
+        write_segment(wal_dir, 0, entry_frame(numbered(0)), entry_frame(numbered(1)))
+        write_segment(wal_dir, 1, entry_frame(numbered(2)))
         seen: list[tuple[int, int, int]] = []
 
         replay_directory(wal_dir, progress=lambda *args: seen.append(args))
@@ -596,7 +603,7 @@ class TestReplay:
     ) -> None:
         """Wal.replay() logs each skipped damaged run at ERROR with its file and offset, and returns the rest."""
         # Given a corrupt middle record in segment 0 and a torn tail in segment 1
-        frames = [entry_frame(make_entry(i)) for i in range(4)]
+        frames = [entry_frame(numbered(i)) for i in range(4)]
         seg0 = write_segment(wal_dir, 0, frames[0], flip(frames[1], HEADER_SIZE), frames[2])
         seg1 = write_segment(wal_dir, 1, frames[3], frames[0][:20])
         wal = Wal(wal_dir, logger=log)
@@ -608,13 +615,13 @@ class TestReplay:
             wal.close()
 
         # Then each damaged run is one ERROR with its location, and intact entries are pending
-        errors = log.at("error", "wal_damage_skipped")
+        errors = logged(log, "error", "wal_damage_skipped")
         assert [(f["file"], f["offset"]) for f in errors] == [
             (str(seg0), len(frames[0])),
             (str(seg1), len(frames[3])),
         ]
         assert [f["reason"] for f in errors] == ["checksum mismatch", "torn record"]
-        assert list(result.pending) == [make_entry(i).payload_id for i in (0, 2, 3)]
+        assert list(result.pending) == [numbered(i).payload_id for i in (0, 2, 3)]
         assert wal.pending_count == 3
 
 
@@ -627,7 +634,7 @@ class TestWalAppend:
     ) -> None:
         """Once append returns, an O_DSYNC write covered its bytes and a new replay sees it, with no flush or close."""
         wal = open_wal()
-        entry = make_entry(1, subject="s", key="k")
+        entry = numbered(1, subject="s", key="k")
 
         wal.append(entry)
 
@@ -640,7 +647,7 @@ class TestWalAppend:
     ) -> None:
         """append_many returns once all its entries are on disk, committed together in one batch."""
         wal = open_wal()
-        entries = [make_entry(i) for i in range(5)]
+        entries = [numbered(i) for i in range(5)]
 
         wal.append_many(entries)
 
@@ -667,7 +674,7 @@ class TestWalAppend:
     def test_segment_files_are_private_to_the_owner(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """Segments are created with mode 0600."""
         wal = open_wal()
-        wal.append(make_entry(1))
+        wal.append(numbered(1))
         for _number, path in list_segments(wal_dir):
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
@@ -677,7 +684,7 @@ class TestWalAppend:
         """Group commit: 500 concurrent appends need far fewer than 500 durable writes, and every one is durable."""
         # Given a started WAL
         wal = open_wal()
-        entries = [make_entry(i) for i in range(500)]
+        entries = [numbered(i) for i in range(500)]
 
         # When 500 greenlets append at once
         greenlets = [gevent.spawn(wal.append, e) for e in entries]
@@ -691,7 +698,7 @@ class TestWalAppend:
     def test_rotation_spreads_a_small_segment_size_over_several_files(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """Once a segment reaches segment_bytes the next write opens a new one, and replay reads them all."""
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
-        entries = [make_entry(i) for i in range(4)]
+        entries = [numbered(i) for i in range(4)]
 
         for e in entries:
             wal.append(e)
@@ -705,7 +712,7 @@ class TestWalAppend:
         """size_bytes equals the bytes the segment files hold."""
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
         for i in range(3):
-            wal.append(make_entry(i))
+            wal.append(numbered(i))
         assert wal.size_bytes == sum(p.stat().st_size for _n, p in list_segments(wal_dir))
 
 
@@ -713,7 +720,7 @@ class TestWalMarks:
     def test_marked_entries_are_not_replayed_after_flush(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """mark_delivered, mark_failed, mark_discarded then flush: a fresh replay excludes them."""
         wal = open_wal()
-        e = [make_entry(i) for i in range(4)]
+        e = [numbered(i) for i in range(4)]
         for x in e:
             wal.append(x)
 
@@ -737,7 +744,7 @@ class TestWalMarks:
         """flush() also waits for marks the flusher has already taken into the I/O thread."""
         # Given an entry and its DELIVERED mark, which the flusher has taken and is writing
         wal = open_wal()
-        entry = make_entry(1)
+        entry = numbered(1)
         wal.append(entry)
         wal.mark_delivered([entry.payload_id])
         # Yield once: the flusher's wake-up was scheduled before ours, so it takes the
@@ -754,7 +761,7 @@ class TestWalMarks:
     def test_a_retried_dead_letter_is_pending_again(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """An entry marked failed and appended again is pending, in memory and on replay."""
         wal = open_wal()
-        entry = make_entry(1)
+        entry = numbered(1)
         wal.append(entry)
         wal.mark_failed([entry.payload_id])
         wal.flush()
@@ -772,7 +779,7 @@ class TestWalReclaim:
         """Once every entry of the old segments is delivered and the marks are durable, their files are gone."""
         # Given three entries, each in its own segment
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
-        entries = [make_entry(i) for i in range(3)]
+        entries = [numbered(i) for i in range(3)]
         for e in entries:
             wal.append(e)
         assert segment_numbers(wal_dir) == [0, 1, 2]
@@ -786,12 +793,12 @@ class TestWalReclaim:
         assert not segment_path(wal_dir, 0).exists()
         assert wal.segment_count == 1
         assert wal.size_bytes == segment_path(wal_dir, 3).stat().st_size
-        assert log.at("info", "wal_segments_reclaimed")[-1]["segments"] == 3
+        assert logged(log, "info", "wal_segments_reclaimed")[-1]["segments"] == 3
 
     def test_the_current_segment_is_never_deleted(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """A segment still being appended to stays even when all its entries are settled."""
         wal = open_wal()
-        entry = make_entry(1)
+        entry = numbered(1)
         wal.append(entry)
         wal.mark_delivered([entry.payload_id])
         wal.flush()
@@ -803,7 +810,7 @@ class TestWalReclaim:
         """One unsettled entry keeps its whole segment on disk."""
         # Given e0 and e1 committed together in segment 0, e2 in segment 1
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
-        e = [make_entry(i) for i in range(3)]
+        e = [numbered(i) for i in range(3)]
         gevent.joinall([gevent.spawn(wal.append, e[0]), gevent.spawn(wal.append, e[1])], raise_error=True)
         wal.append(e[2])
         assert replay_directory(wal_dir).pending[e[1].payload_id][1] == 0
@@ -820,7 +827,7 @@ class TestWalReclaim:
         """A settled segment after one with a pending entry is kept until the older one settles; then both go."""
         # Given e0, e1, e2 in segments 0, 1, 2
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
-        e = [make_entry(i) for i in range(3)]
+        e = [numbered(i) for i in range(3)]
         for x in e:
             wal.append(x)
 
@@ -848,7 +855,7 @@ class TestWalReclaim:
     def test_reopening_reclaims_segments_replay_found_settled(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """start() deletes the settled prefix left by a previous run, keeping the segment with a pending entry."""
         # Given a previous run that left e0 delivered (segment 0) and e1 pending (segment 1)
-        e0, e1 = make_entry(0), make_entry(1)
+        e0, e1 = numbered(0), numbered(1)
         write_segment(wal_dir, 0, entry_frame(e0))
         write_segment(wal_dir, 1, entry_frame(e1))
         write_segment(wal_dir, 2, mark_frame(records.DELIVERED, e0))
@@ -864,7 +871,7 @@ class TestWalReclaim:
     def test_a_failed_entry_is_reclaimable(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """PERMANENT_FAILURE settles an entry for reclaim just like delivery does."""
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
-        entry = make_entry(1)
+        entry = numbered(1)
         wal.append(entry)
         wal.mark_failed([entry.payload_id])
         wal.flush()
@@ -877,7 +884,7 @@ class TestWalRecovery:
     ) -> None:
         """A segment with a torn tail is left untouched; new appends go to a fresh segment."""
         # Given a segment ending in a torn record, as a crash mid-write leaves it
-        e0, e1, e2 = make_entry(0), make_entry(1), make_entry(2)
+        e0, e1, e2 = numbered(0), numbered(1), numbered(2)
         torn = write_segment(wal_dir, 0, entry_frame(e0), entry_frame(e1)[:25])
         before = torn.read_bytes()
 
@@ -890,14 +897,14 @@ class TestWalRecovery:
         result = replay_directory(wal_dir)
         assert result.pending == {e0.payload_id: (e0, 0), e2.payload_id: (e2, 1)}
         assert [(d.path, d.offset) for d in result.damage] == [(torn, len(entry_frame(e0)))]
-        assert [(f["file"], f["offset"]) for f in log.at("error", "wal_damage_skipped")] == [
+        assert [(f["file"], f["offset"]) for f in logged(log, "error", "wal_damage_skipped")] == [
             (str(torn), len(entry_frame(e0)))
         ]
 
     def test_a_reopened_wal_knows_what_is_pending(self, open_wal: OpenWal, wal_dir: Path, log: RecordingLogger) -> None:
         """Entries appended by one Wal and not settled are pending in the next one over the same directory."""
         first = open_wal()
-        e0, e1 = make_entry(0), make_entry(1)
+        e0, e1 = numbered(0), numbered(1)
         first.append(e0)
         first.append(e1)
         first.mark_delivered([e0.payload_id])
@@ -911,16 +918,27 @@ class TestWalRecovery:
         assert second.pending_count == 1
 
 
+def started_over_an_old_segment(open_wal: OpenWal, wal_dir: Path, *appended: Entry) -> tuple[Wal, Entry]:
+    """Entry 0 left in segment 0 by a previous run, and a WAL started over it without replay
+    (a segment per batch) that has appended `appended`, one batch each; returns the WAL and entry 0."""
+    old = numbered(0)
+    write_segment(wal_dir, 0, entry_frame(old))
+    wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT, replay=False)
+    for entry in appended:
+        wal.append(entry)
+    return wal, old
+
+
 class TestWalReplayAfterStart:
     def test_a_started_wal_takes_appends_before_replay_in_a_new_segment(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """start() before replay() opens a segment after every existing one and appends go there at once."""
         # Given an older segment left by a previous run
-        old = make_entry(0)
+        old = numbered(0)
         write_segment(wal_dir, 0, entry_frame(old))
 
         # When the WAL starts without replaying and takes an append
         wal = open_wal(replay=False)
-        live = make_entry(1)
+        live = numbered(1)
         wal.append(live)
 
         # Then the old segment is untouched and the append is in segment 1
@@ -929,12 +947,8 @@ class TestWalReplayAfterStart:
     def test_replay_after_start_returns_only_the_older_segments(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """Entries appended since start() are not handed back by replay(), even after rotation."""
         # Given an older segment, and a started WAL that rotated through two live segments
-        old = make_entry(0)
-        write_segment(wal_dir, 0, entry_frame(old))
-        wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT, replay=False)
-        live = [make_entry(1), make_entry(2)]
-        for e in live:
-            wal.append(e)
+        live = [numbered(1), numbered(2)]
+        wal, old = started_over_an_old_segment(open_wal, wal_dir, *live)
         assert segment_numbers(wal_dir) == [0, 1, 2]
 
         # When the older segments are replayed
@@ -951,12 +965,8 @@ class TestWalReplayAfterStart:
     ) -> None:
         """Until replay() has counted the old segments nothing is deleted; afterwards every settled segment is."""
         # Given an old entry in segment 0, and live entries appended and delivered before replay
-        old = make_entry(0)
-        write_segment(wal_dir, 0, entry_frame(old))
-        wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT, replay=False)
-        live = [make_entry(1), make_entry(2)]
-        for e in live:
-            wal.append(e)
+        live = [numbered(1), numbered(2)]
+        wal, old = started_over_an_old_segment(open_wal, wal_dir, *live)
         wal.mark_delivered([e.payload_id for e in live])
         wal.flush()
         assert segment_numbers(wal_dir) == [0, 1, 2, 3]
@@ -977,10 +987,7 @@ class TestWalReplayAfterStart:
         """An id appended live before replay finds it in an old segment counts once, so delivering it frees both."""
         # Given an old segment holding an entry, and the same entry appended again after start
         # (a retried dead letter does this)
-        old = make_entry(0)
-        write_segment(wal_dir, 0, entry_frame(old))
-        wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT, replay=False)
-        wal.append(old)
+        wal, old = started_over_an_old_segment(open_wal, wal_dir, numbered(0))
 
         # When replay runs and the entry is delivered
         wal.replay()
@@ -1000,7 +1007,7 @@ class TestWalFailures:
         """ENOSPC on the WAL write: append raises WalUnavailable, no trace of the batch stays, and the WAL recovers."""
         # Given one durable entry, then a disk that fails the next durable write
         wal = open_wal()
-        kept, lost, later = make_entry(0), make_entry(1), make_entry(2)
+        kept, lost, later = numbered(0), numbered(1), numbered(2)
         wal.append(kept)
         durable_writes.failures_left = 1
 
@@ -1014,7 +1021,7 @@ class TestWalFailures:
         assert result.damage == []
         assert segment_path(wal_dir, 0).stat().st_size == len(entry_frame(kept))
         assert not wal.is_pending(lost.payload_id)
-        assert [f["errno"] for f in log.at("error", "wal_write_failed")] == [errno.ENOSPC]
+        assert [f["errno"] for f in logged(log, "error", "wal_write_failed")] == [errno.ENOSPC]
 
         # When the cause is gone, the next append succeeds and is durable
         wal.append(later)
@@ -1027,7 +1034,7 @@ class TestWalFailures:
         """All appends committed in a batch whose fsync failed raise; none of them replays."""
         wal = open_wal()
         durable_writes.failures_left = 1
-        greenlets = [gevent.spawn(wal.append, make_entry(i)) for i in range(5)]
+        greenlets = [gevent.spawn(wal.append, numbered(i)) for i in range(5)]
         gevent.joinall(greenlets)
 
         assert all(isinstance(g.exception, WalUnavailable) for g in greenlets)
@@ -1041,11 +1048,11 @@ class TestWalFailures:
         wal = open_wal()
         durable_writes.failures_left = 1
         with pytest.raises(WalUnavailable):
-            wal.append(make_entry(0))
+            wal.append(numbered(0))
 
-        wal.append(make_entry(1))
+        wal.append(numbered(1))
 
-        assert replay_directory(wal_dir).pending[make_entry(1).payload_id][1] == 1
+        assert replay_directory(wal_dir).pending[numbered(1).payload_id][1] == 1
         assert wal.segment_count == 2
 
     def test_a_failed_rotation_does_not_wedge_the_wal(
@@ -1054,17 +1061,17 @@ class TestWalFailures:
         """If opening the next segment fails (directory fsync error), the append raises and a later one succeeds."""
         # Given a WAL due to rotate, and a directory fsync that fails once
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
-        wal.append(make_entry(0))
+        wal.append(numbered(0))
         dir_fsync = FaultyCall(os.fsync, failures=1, err=errno.EIO)
         monkeypatch.setattr(os, "fsync", dir_fsync)
 
         # When the append that rotates hits the failure
         with pytest.raises(WalUnavailable):
-            wal.append(make_entry(1))
+            wal.append(numbered(1))
 
         # Then the next append, with the disk healthy again, succeeds and is durable
-        wal.append(make_entry(2))
-        assert pending_ids(wal_dir) == [make_entry(0).payload_id, make_entry(2).payload_id]
+        wal.append(numbered(2))
+        assert pending_ids(wal_dir) == [numbered(0).payload_id, numbered(2).payload_id]
         assert dir_fsync.calls >= 2
 
     def test_a_failed_reclaim_does_not_stop_the_wal(
@@ -1074,7 +1081,7 @@ class TestWalFailures:
         # Given e0 in segment 0, e1 in segment 1, and a directory fsync that will fail
         # at reclaim (the first fsync opens the segment the mark goes to, the second is reclaim's)
         wal = open_wal(segment_bytes=ONE_BATCH_PER_SEGMENT)
-        e0, e1, e2 = make_entry(0), make_entry(1), make_entry(2)
+        e0, e1, e2 = numbered(0), numbered(1), numbered(2)
         wal.append(e0)
         wal.append(e1)
         monkeypatch.setattr(os, "fsync", FaultyCall(os.fsync, successes=1, failures=1, err=errno.EIO))
@@ -1091,7 +1098,7 @@ class TestWalFailures:
         assert pending_ids(wal_dir) == [e2.payload_id]
         assert not segment_path(wal_dir, 0).exists()
         assert not segment_path(wal_dir, 1).exists()
-        assert log.at("error", "wal_reclaim_failed")
+        assert logged(log, "error", "wal_reclaim_failed")
 
     def test_a_mark_refused_by_a_failed_write_is_written_with_the_next_batch(
         self, open_wal: OpenWal, wal_dir: Path, durable_writes: FaultyCall
@@ -1099,7 +1106,7 @@ class TestWalFailures:
         """A DELIVERED mark whose write failed (disk full) is not lost: the next write records it, without a restart."""
         # Given a durable entry, and a disk that fails the next durable write
         wal = open_wal()
-        delivered, later = make_entry(0), make_entry(1)
+        delivered, later = numbered(0), numbered(1)
         wal.append(delivered)
         durable_writes.failures_left = 1
         with gevent.Timeout(HANG_GUARD_SECONDS):
@@ -1126,13 +1133,13 @@ class TestWalClose:
         wal = open_wal()
         wal.close()
         with pytest.raises(WalUnavailable):
-            wal.append(make_entry(1))
+            wal.append(numbered(1))
 
     def test_close_makes_unflushed_marks_durable(self, open_wal: OpenWal, wal_dir: Path) -> None:
         """close() writes marks handed to it without a flush, and returns."""
         # Given a delivered mark that nobody flushed
         wal = open_wal()
-        entry = make_entry(1)
+        entry = numbered(1)
         wal.append(entry)
         wal.mark_delivered([entry.payload_id])
 
@@ -1149,7 +1156,7 @@ class TestWalClose:
         wal.replay()
         wal.close()
         with pytest.raises(WalUnavailable):
-            wal.append(make_entry(1))
+            wal.append(numbered(1))
 
 
 # -- directory locks -------------------------------------------------------------

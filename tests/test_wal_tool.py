@@ -22,10 +22,13 @@ import orjson
 import pytest
 
 import nexus_gevent
-from nexus_gevent.cli import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, datadir, main
+from nexus_gevent import datadir
+from nexus_gevent.cli import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, main
+from nexus_gevent.cli import datadir as tool_datadir
 from nexus_gevent.cli.progress import Progress
 from nexus_gevent.deadletters import DeadLetterStore
 from nexus_gevent.entry import Entry
+from nexus_gevent.testing import RecordingLogger, make_entry
 from nexus_gevent.wal import records
 from nexus_gevent.wal._frame import HEADER_SIZE, Frame, encode, scan
 from nexus_gevent.wal.dirlock import DirLock, try_lock
@@ -42,25 +45,11 @@ HANG_GUARD_SECONDS = 10
 # -- helpers ---------------------------------------------------------------------
 
 
-class NullLogger:
-    """A structlog-shaped logger that drops everything (the Wal logs reclaim and damage)."""
-
-    def debug(self, event: str, **fields: object) -> None: ...
-    def info(self, event: str, **fields: object) -> None: ...
-    def warning(self, event: str, **fields: object) -> None: ...
-    def error(self, event: str, **fields: object) -> None: ...
-    def exception(self, event: str, **fields: object) -> None: ...
-
-
-def make_entry(i: int, *, source: str = "web", destination: str = "main", payload: bytes | None = None) -> Entry:
-    return Entry(
-        payload_id=f"{i:032x}",
-        source=source,
-        destination=destination,
-        payload=payload if payload is not None else orjson.dumps({"n": i}),
-        received_at=1_700_000_000.0 + i,
-        subject=f"subject-{i}" if i % 2 == 0 else None,
-    )
+def numbered(i: int, *, source: str = "web", destination: str = "main", payload: bytes | None = None) -> Entry:
+    """testing.make_entry, numbered: id, receive time and subject (even numbers only) follow from `i`."""
+    body = payload if payload is not None else orjson.dumps({"n": i})
+    entry = make_entry(f"{i:032x}", payload=body, source=source, destination=destination)
+    return entry._replace(received_at=1_700_000_000.0 + i, subject=f"subject-{i}" if i % 2 == 0 else None)
 
 
 def ids(entries: Sequence[Entry]) -> list[str]:
@@ -76,10 +65,10 @@ def write_wal(
     discarded: Sequence[Entry] = (),
     segment_bytes: int = 64 * 1024 * 1024,
 ) -> None:
-    """Append `entries` with the real Wal, then settle some; one batch per call, so with
+    """Append `entries` with the real Wal, then mark some; one batch per call, so with
     ONE_BATCH_PER_SEGMENT the entries and each kind of mark land in segments of their own."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    wal = Wal(directory, segment_bytes=segment_bytes, logger=NullLogger())
+    wal = Wal(directory, segment_bytes=segment_bytes, logger=RecordingLogger())
     wal.start()
     try:
         wal.append_many(entries)
@@ -187,7 +176,7 @@ def held(w0: Path) -> Iterator[DirLock]:
 class TestVerify:
     def test_healthy_wal_exits_0_with_counts_per_status(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """A healthy WAL exits 0 and reports segments, records, bytes and entries by final status."""
-        entries = [make_entry(i) for i in range(10)]
+        entries = [numbered(i) for i in range(10)]
         write_wal(w0, entries, delivered=entries[:3], failed=entries[3:5], discarded=entries[5:6])
 
         result = run_tool(capsys, "wal", "verify", "--data-dir", str(w0.parent.parent), "--json")
@@ -204,8 +193,8 @@ class TestVerify:
 
     def test_counts_span_segments_and_directories(self, capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
         """Totals add up every segment of every WAL directory."""
-        first = [make_entry(i) for i in range(4)]
-        second = [make_entry(i) for i in range(10, 13)]
+        first = [numbered(i) for i in range(4)]
+        second = [numbered(i) for i in range(10, 13)]
         write_wal(data_dir / "wal" / "w0", first, delivered=first[:1], segment_bytes=ONE_BATCH_PER_SEGMENT)
         write_wal(data_dir / "wal" / "w1", second)
 
@@ -222,7 +211,7 @@ class TestVerify:
 
     def test_text_report_is_readable(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """Without --json the report names the directory, its figures and a one-word result."""
-        entries = [make_entry(i) for i in range(3)]
+        entries = [numbered(i) for i in range(3)]
         write_wal(w0, entries, delivered=entries[:1])
 
         result = run_tool(capsys, "wal", "verify", "--data-dir", str(w0.parent.parent))
@@ -235,7 +224,7 @@ class TestVerify:
 
     def test_corrupted_records_exit_1_with_exact_offsets(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """Two corrupted records (not adjacent) are reported as exactly two runs at their frames' offsets."""
-        write_wal(w0, [make_entry(i) for i in range(12)])
+        write_wal(w0, [numbered(i) for i in range(12)])
         segment = only_segment(w0)
         intact = frames(segment)
         hit = [intact[3], intact[8]]
@@ -262,7 +251,7 @@ class TestVerify:
 
     def test_corruption_is_listed_in_the_text_report(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """The text report gives file, offset, length and reason of each damaged run."""
-        write_wal(w0, [make_entry(i) for i in range(4)])
+        write_wal(w0, [numbered(i) for i in range(4)])
         segment = only_segment(w0)
         frame = frames(segment)[1]
         flip_byte(segment, frame.offset + HEADER_SIZE + 1)
@@ -276,7 +265,7 @@ class TestVerify:
 
     def test_torn_tail_is_reported_as_one(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """A record cut short at the end of its segment is a damaged run flagged as a torn tail."""
-        write_wal(w0, [make_entry(i) for i in range(5)])
+        write_wal(w0, [numbered(i) for i in range(5)])
         segment = only_segment(w0)
         last = frames(segment)[-1]
         cut = last.offset + HEADER_SIZE + 3
@@ -304,7 +293,7 @@ class TestVerify:
 
     def test_allow_torn_tail_exits_0_on_a_torn_tail_alone(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """--allow-torn-tail accepts the damage a crash mid-write leaves, and still reports it."""
-        write_wal(w0, [make_entry(i) for i in range(3)])
+        write_wal(w0, [numbered(i) for i in range(3)])
         segment = only_segment(w0)
         segment.write_bytes(segment.read_bytes()[:-5])
 
@@ -317,7 +306,7 @@ class TestVerify:
         self, capsys: pytest.CaptureFixture[str], w0: Path
     ) -> None:
         """--allow-torn-tail does not excuse a corrupt record that is not at the end."""
-        write_wal(w0, [make_entry(i) for i in range(3)])
+        write_wal(w0, [numbered(i) for i in range(3)])
         segment = only_segment(w0)
         flip_byte(segment, frames(segment)[0].offset + HEADER_SIZE)
 
@@ -328,7 +317,7 @@ class TestVerify:
     def test_intact_frame_of_unknown_kind_is_damage(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """A frame whose checksum holds but whose kind is unknown is damage, as replay counts it."""
         w0.mkdir()
-        entry = encode(records.ENTRY, records.encode_entry(make_entry(1)))
+        entry = encode(records.ENTRY, records.encode_entry(numbered(1)))
         strange = encode(ord("Q"), b"{}")
         path = segment_path(w0, 0)
         path.write_bytes(entry + strange)
@@ -347,7 +336,7 @@ class TestVerify:
     ) -> None:
         """A retried dead letter is pending again, and a mark whose entry was reclaimed is counted apart."""
         w0.mkdir()
-        revived, gone = make_entry(1), make_entry(2)
+        revived, gone = numbered(1), numbered(2)
         segment_path(w0, 0).write_bytes(
             encode(records.DELIVERED, records.encode_ids([gone.payload_id]))
             + encode(records.ENTRY, records.encode_entry(revived))
@@ -396,13 +385,13 @@ class TestDataDirectory:
         self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, w0: Path
     ) -> None:
         """Without --data-dir the tool reads $NEXUS_DATA_DIR."""
-        write_wal(w0, [make_entry(1)])
+        write_wal(w0, [numbered(1)])
         monkeypatch.setenv("NEXUS_DATA_DIR", str(w0.parent.parent))
 
         result = run_tool(capsys, "wal", "inspect")
 
         assert result.code == EXIT_OK
-        assert result.out.startswith(make_entry(1).payload_id)
+        assert result.out.startswith(numbered(1).payload_id)
 
     def test_unknown_command_exits_2(self, capsys: pytest.CaptureFixture[str]) -> None:
         """argparse's usage errors come back as exit code 2, not as SystemExit."""
@@ -413,7 +402,7 @@ class TestDataDirectory:
 
     def test_locked_directory_exits_2(self, capsys: pytest.CaptureFixture[str], w0: Path, held: DirLock) -> None:
         """A WAL directory a live worker holds is refused with 'stop the service first', before any output."""
-        write_wal(w0, [make_entry(1)])
+        write_wal(w0, [numbered(1)])
 
         for command in ("verify", "inspect"):
             result = run_tool(capsys, "wal", command, "--data-dir", str(w0.parent.parent))
@@ -425,7 +414,7 @@ class TestDataDirectory:
 
     def test_force_reads_a_locked_directory(self, capsys: pytest.CaptureFixture[str], w0: Path, held: DirLock) -> None:
         """--force reads a held directory anyway, says so, and flags it in the report."""
-        write_wal(w0, [make_entry(1)])
+        write_wal(w0, [numbered(1)])
 
         result = run_tool(capsys, "wal", "verify", "--data-dir", str(w0.parent.parent), "--force", "--json")
 
@@ -435,7 +424,7 @@ class TestDataDirectory:
 
     def test_locks_are_released_after_a_run(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """The tool holds WAL directories only while it reads them: a worker can claim them afterwards."""
-        write_wal(w0, [make_entry(1)])
+        write_wal(w0, [numbered(1)])
         first = try_lock(w0)
         assert first is not None
         first.close()
@@ -449,7 +438,7 @@ class TestDataDirectory:
 
     def test_the_tool_never_writes_to_the_data_directory(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """verify, inspect and dead-letters leave every file, LOCK and dead-letters.db included, untouched."""
-        entries = [make_entry(i) for i in range(3)]
+        entries = [numbered(i) for i in range(3)]
         write_wal(w0, entries, failed=entries[:1])
         lock = try_lock(w0)
         assert lock is not None
@@ -467,7 +456,7 @@ class TestDataDirectory:
 
     def test_progress_goes_to_stderr_only(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """--progress writes progress lines to stderr; stdout stays the report alone."""
-        write_wal(w0, [make_entry(i) for i in range(3)], delivered=[make_entry(0)], segment_bytes=ONE_BATCH_PER_SEGMENT)
+        write_wal(w0, [numbered(i) for i in range(3)], delivered=[numbered(0)], segment_bytes=ONE_BATCH_PER_SEGMENT)
 
         result = run_tool(capsys, "wal", "verify", "--data-dir", str(w0.parent.parent), "--json", "--progress")
 
@@ -477,7 +466,7 @@ class TestDataDirectory:
 
     def test_no_progress_when_stderr_is_not_a_terminal(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """Without --progress, progress is shown only on a terminal; captured stderr is none."""
-        write_wal(w0, [make_entry(1)])
+        write_wal(w0, [numbered(1)])
 
         result = run_tool(capsys, "wal", "verify", "--data-dir", str(w0.parent.parent))
 
@@ -498,16 +487,20 @@ class TestDataDirectory:
         assert lines[0].startswith("wal: 30 records, 3/4 segments, 50 records/s")
         assert lines[1].startswith("wal: 40 records, 4/4 segments")
 
-    def test_file_names_match_the_service(self) -> None:
-        """The tool's copies of the data directory's file names agree with the service's."""
-        from nexus_gevent import datadir as layout
+    def test_the_tool_finds_the_wal_and_dead_letters_where_the_service_puts_them(self, tmp_path: Path) -> None:
+        """The tool reads the WAL directories and dead-letters file at the paths nexus_gevent.datadir gives."""
+        # Given a data directory laid out by nexus_gevent.datadir, as the service lays it out
+        wal_dir = datadir.wal_root(tmp_path) / "w0"
+        write_wal(wal_dir, [numbered(0)])
+        DeadLetterStore(datadir.dead_letters_file(tmp_path)).close()
 
-        assert datadir.WAL_DIRNAME == layout.WAL_DIRNAME
-        assert datadir.DEAD_LETTERS_FILENAME == layout.DEAD_LETTERS_FILENAME
+        # When the tool looks for them, Then it finds exactly those
+        assert tool_datadir.wal_directories(tmp_path) == [wal_dir]
+        assert tool_datadir.dead_letters_file(tmp_path) == datadir.dead_letters_file(tmp_path)
 
     def test_module_entry_point_runs_verify(self, w0: Path) -> None:
         """`python -m nexus_gevent wal verify` runs as a process and exits with the verify code."""
-        write_wal(w0, [make_entry(i) for i in range(3)])
+        write_wal(w0, [numbered(i) for i in range(3)])
         segment = only_segment(w0)
         flip_byte(segment, frames(segment)[1].offset + HEADER_SIZE)
         env = {**os.environ, "PYTHONPATH": str(Path(nexus_gevent.__file__).resolve().parent.parent)}
@@ -532,7 +525,7 @@ class TestInspect:
     @pytest.fixture
     def entries(self, w0: Path) -> list[Entry]:
         """Eight entries from two sources: 0-1 delivered, 2 failed, 3 discarded, 4-7 pending."""
-        made = [make_entry(i, source="web" if i % 2 else "app") for i in range(8)]
+        made = [numbered(i, source="web" if i % 2 else "app") for i in range(8)]
         write_wal(w0, made, delivered=made[:2], failed=made[2:3], discarded=made[3:4])
         return made
 
@@ -578,7 +571,7 @@ class TestInspect:
 
     def test_destination_filter(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """--destination lists only the entries bound for that destination."""
-        made = [make_entry(1, destination="main"), make_entry(2, destination="audit")]
+        made = [numbered(1, destination="main"), numbered(2, destination="audit")]
         write_wal(w0, made)
 
         result = run_tool(capsys, "wal", "inspect", "--data-dir", str(w0.parent.parent), "--destination", "audit")
@@ -629,7 +622,7 @@ class TestInspect:
     def test_json_lines_with_payload(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """--json --show-payload gives one JSON object per entry, the payload text exactly as sent."""
         payload = b'{\n  "text": "line one\\nline two",\n  "n": 1\n}'
-        entry = make_entry(5, payload=payload)
+        entry = numbered(5, payload=payload)
         write_wal(w0, [entry])
 
         result = run_tool(capsys, "wal", "inspect", "--data-dir", str(w0.parent.parent), "--json", "--show-payload")
@@ -645,7 +638,7 @@ class TestInspect:
 
     def test_text_payload_stays_on_one_line(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """--show-payload in text escapes the payload's newlines, so each entry is one line."""
-        write_wal(w0, [make_entry(5, payload=b'{\n"a":\t1}')])
+        write_wal(w0, [numbered(5, payload=b'{\n"a":\t1}')])
 
         result = run_tool(capsys, "wal", "inspect", "--data-dir", str(w0.parent.parent), "--show-payload")
 
@@ -654,7 +647,7 @@ class TestInspect:
 
     def test_damage_is_warned_about_on_stderr(self, capsys: pytest.CaptureFixture[str], w0: Path) -> None:
         """inspect lists what it can read and warns on stderr about damaged runs it skipped."""
-        made = [make_entry(i) for i in range(3)]
+        made = [numbered(i) for i in range(3)]
         write_wal(w0, made)
         segment = only_segment(w0)
         flip_byte(segment, frames(segment)[0].offset + HEADER_SIZE)
@@ -673,7 +666,7 @@ class TestDeadLetters:
     @pytest.fixture
     def stored(self, data_dir: Path) -> list[Entry]:
         """Two dead letters written through the service's DeadLetterStore; the second is being retried."""
-        made = [make_entry(1), make_entry(2, source="app")]
+        made = [numbered(1), numbered(2, source="app")]
         store = DeadLetterStore(data_dir / datadir.DEAD_LETTERS_FILENAME)
         try:
             store.record(made[0], "HTTP 400: bad row", 1)
@@ -717,14 +710,14 @@ class TestDeadLetters:
         """While a store has the file open (its -wal file exists), rows it committed are listed."""
         store = DeadLetterStore(data_dir / datadir.DEAD_LETTERS_FILENAME)
         try:
-            store.record(make_entry(7), "boom", 2)
+            store.record(numbered(7), "boom", 2)
             assert (data_dir / f"{datadir.DEAD_LETTERS_FILENAME}-wal").exists()
 
             result = run_tool(capsys, "wal", "dead-letters", "--data-dir", str(data_dir), "--json")
         finally:
             store.close()
 
-        assert [r["payload_id"] for r in result.json_lines()] == [make_entry(7).payload_id]
+        assert [r["payload_id"] for r in result.json_lines()] == [numbered(7).payload_id]
 
     def test_missing_file_exits_2(self, capsys: pytest.CaptureFixture[str], data_dir: Path) -> None:
         """A data directory without dead-letters.db is reported as an error."""

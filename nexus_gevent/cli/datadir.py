@@ -1,25 +1,21 @@
 """Where a data directory's WAL and dead letters are, and holding its WAL directories for reading.
 
-The file names repeat nexus_gevent.service's: importing the service would import the
-metrics module, whose counters write files under PROMETHEUS_MULTIPROC_DIR when that
-is set. tests/test_wal_tool.py checks that both names still agree.
+The layout is nexus_gevent.datadir's, the one the service writes. That module imports
+nothing else from the package, so the tool stays light: importing the service would
+import the metrics module, whose counters write files under PROMETHEUS_MULTIPROC_DIR
+when that is set.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..wal.dirlock import LOCK_NAME, existing_dirs
-
-WAL_DIRNAME = "wal"
-DEAD_LETTERS_FILENAME = "dead-letters.db"
-DATA_DIR_ENV = "NEXUS_DATA_DIR"
-DEFAULT_DATA_DIR = "./var"
+from .. import datadir as layout
+from ..wal.dirlock import LOCK_NAME, existing_dirs, flock_or_close
 
 
 class ToolError(Exception):
@@ -28,22 +24,23 @@ class ToolError(Exception):
 
 def resolve_data_dir(given: str | None, environ: Mapping[str, str]) -> Path:
     """--data-dir, else $NEXUS_DATA_DIR, else ./var; it must exist."""
-    path = Path(given or environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    path = Path(given or environ.get(layout.DATA_DIR_ENV) or layout.DEFAULT_DATA_DIR)
     if not path.is_dir():
-        raise ToolError(f"data directory not found: {path} (give --data-dir or set {DATA_DIR_ENV})")
+        raise ToolError(f"data directory not found: {path} (give --data-dir or set {layout.DATA_DIR_ENV})")
     return path
 
 
 def wal_directories(data_dir: Path) -> list[Path]:
     """The WAL directories (wal/wN) of a data directory, in index order."""
-    root = data_dir / WAL_DIRNAME
+    root = layout.wal_root(data_dir)
     if not root.is_dir():
         raise ToolError(f"no WAL under {data_dir}: {root} does not exist (is --data-dir right?)")
     return existing_dirs(root)
 
 
 def dead_letters_file(data_dir: Path) -> Path:
-    path = data_dir / DEAD_LETTERS_FILENAME
+    """The dead-letter database of a data directory; it must exist."""
+    path = layout.dead_letters_file(data_dir)
     if not path.is_file():
         raise ToolError(f"no dead-letter file under {data_dir}: {path} does not exist")
     return path
@@ -89,11 +86,4 @@ def _lock_shared(lock_file: Path) -> int | None:
         fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
-    return fd
+    return fd if flock_or_close(fd, fcntl.LOCK_SH) else None

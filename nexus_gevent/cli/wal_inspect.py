@@ -42,7 +42,7 @@ def select(walks: list[DirectoryWalk], *, status: str, limit: int | None) -> Ite
         for payload_id, info in walk.entries.items():
             if limit is not None and shown >= limit:
                 return
-            final = walk.statuses[payload_id]
+            final = walk.statuses.status(payload_id)
             if status in (ALL, final):
                 shown += 1
                 yield Listed(walk.directory.name, final, info)

@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from ..datadir import DATA_DIR_ENV
+from ..wal.fold import STATUSES
 from ..wal.segments import list_segments
 from . import dead_letters, wal_inspect, wal_verify
-from .datadir import DATA_DIR_ENV, ToolError, dead_letters_file, held_for_reading, resolve_data_dir, wal_directories
+from .datadir import ToolError, dead_letters_file, held_for_reading, resolve_data_dir, wal_directories
 from .progress import Progress
-from .wal_walk import STATUSES, DirectoryWalk, Keep, keep_nothing, walk_directory
+from .wal_walk import DirectoryWalk, Keep, keep_nothing, walk_directory
 
 EXIT_OK = 0
 EXIT_DAMAGE = wal_verify.EXIT_DAMAGED

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
+from ..wal.fold import STATUSES
 from ._format import write_json
-from .wal_walk import STATUSES, DamagedRun, DirectoryWalk
+from .wal_walk import DamagedRun, DirectoryWalk
 
 EXIT_HEALTHY = 0
 EXIT_DAMAGED = 1

@@ -1,14 +1,13 @@
 """One read-only pass over a WAL directory: each entry's final status, and every damaged run.
 
-It settles entries exactly as wal.replay.replay_directory does (later records win, so
-a retried dead letter's new entry record makes it pending again; a frame that is
-intact but cannot be decoded counts as damage), but keeps what replay drops: the
-status of settled entries, per-segment figures, and where each damaged run ends.
+Statuses come from wal.fold, the fold replay uses (later records win, so a retried
+dead letter's new entry record makes it pending again; a frame that is intact but
+cannot be decoded counts as damage). Unlike replay it keeps the status of entries a
+mark ended, per-segment figures, and where each damaged run ends.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +15,8 @@ from pathlib import Path
 from ..entry import Entry
 from ..wal import records
 from ..wal._frame import HEADER_SIZE, Damage, Frame, scan
+from ..wal.fold import Fold
 from ..wal.segments import list_segments
-
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
-DISCARDED = "discarded"
-STATUSES = (PENDING, DELIVERED, FAILED, DISCARDED)
-_MARK_STATUS = {records.DELIVERED: DELIVERED, records.FAILED: FAILED, records.DISCARDED: DISCARDED}
 
 #: Damage that ends a segment file this way is what a crash mid-write leaves.
 _TORN_REASONS = frozenset(("torn header", "torn record"))
@@ -79,20 +72,23 @@ class SegmentStats:
 
 @dataclass
 class DirectoryWalk:
-    """What one WAL directory holds. `statuses` and `entries` keep WAL order."""
+    """What one WAL directory holds. `entries` keeps WAL order; `statuses` has every entry's, by id."""
 
     directory: Path
-    statuses: dict[str, str] = field(default_factory=dict)
+    #: Each entry's status, by id, with the segment of its latest entry record while pending.
+    statuses: Fold[int] = field(default_factory=lambda: Fold(keep_ended=True))
     entries: dict[str, EntryInfo] = field(default_factory=dict)
     segments: list[SegmentStats] = field(default_factory=list)
     damage: list[DamagedRun] = field(default_factory=list)
     records: int = 0
-    #: Ids settled by a mark whose entry record is gone (its segment was reclaimed).
-    unmatched_marks: int = 0
+
+    @property
+    def unmatched_marks(self) -> int:
+        """Ids named by a mark whose entry record is gone (its segment was reclaimed)."""
+        return self.statuses.unmatched
 
     def status_counts(self) -> dict[str, int]:
-        counted = Counter(self.statuses.values())
-        return {status: counted[status] for status in STATUSES}
+        return self.statuses.counts()
 
 
 def walk_directory(
@@ -147,24 +143,16 @@ def _walk_segment(
 
 
 def _apply(walk: DirectoryWalk, segment: int, frame: Frame, keep: Keep, with_payload: bool) -> None:
-    if frame.kind == records.ENTRY:
-        entry = records.decode_entry(frame.body)
-        payload_id = entry.payload_id
-        # Re-insert, so a revived entry takes its new place in WAL order (as replay does).
-        walk.statuses.pop(payload_id, None)
-        walk.statuses[payload_id] = PENDING
-        walk.entries.pop(payload_id, None)
-        if keep(entry):
-            walk.entries[payload_id] = _info(entry, segment, frame.offset, with_payload)
+    if frame.kind != records.ENTRY:
+        walk.statuses.mark(frame.kind, frame.body)
         return
-    status = _MARK_STATUS.get(frame.kind)
-    if status is None:
-        raise ValueError(f"unknown record kind {frame.kind}")
-    for payload_id in records.decode_ids(frame.body):
-        if payload_id in walk.statuses:
-            walk.statuses[payload_id] = status
-        else:
-            walk.unmatched_marks += 1
+    entry = records.decode_entry(frame.body)
+    payload_id = entry.payload_id
+    walk.statuses.entry(payload_id, segment)
+    # Re-inserted, so a revived entry takes its new place in WAL order, as in the fold.
+    walk.entries.pop(payload_id, None)
+    if keep(entry):
+        walk.entries[payload_id] = _info(entry, segment, frame.offset, with_payload)
 
 
 def _info(entry: Entry, segment: int, offset: int, with_payload: bool) -> EntryInfo:

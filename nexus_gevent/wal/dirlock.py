@@ -34,16 +34,27 @@ def try_lock(path: Path) -> DirLock | None:
     """Lock `path` if no live process holds it; never blocks."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
+    if not flock_or_close(fd, fcntl.LOCK_EX):
+        return None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return DirLock(path, fd)
+
+
+def flock_or_close(fd: int, operation: int) -> bool:
+    """flock `fd` with `operation` (LOCK_EX or LOCK_SH) without blocking.
+
+    False, with `fd` closed, when a live process holds a conflicting lock; any other
+    failure closes `fd` and raises.
+    """
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def existing_dirs(root: Path) -> list[Path]:

@@ -25,29 +25,32 @@ import gevent
 import gevent.event
 from gevent.threadpool import ThreadPool
 
+from .._files import fsync_directory
 from ..entry import Entry
 from ..errors import WalUnavailable
 from . import records
 from ._frame import Frame, encode
+from .fold import Fold, mark_status
 from .replay import Progress, ReplayResult, replay_directory
 from .segments import list_segments, read_segment, segment_path
 
 T = TypeVar("T")
 
 #: Default segment size: large enough that rotation is rare, small enough that a
-#: settled segment is reclaimed soon after its entries are delivered.
+#: segment whose entries are all marked is reclaimed soon after they are delivered.
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
 
 class _Batch:
     """Frames waiting for one write+fsync, and who waits for them."""
 
-    __slots__ = ("chunks", "done", "entries", "error", "marks", "settled")
+    __slots__ = ("chunks", "done", "entries", "error", "marked", "marks")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.entries: list[str] = []
-        self.settled: list[str] = []
+        #: What the batch's marks say: (status, payload ids), one pair per mark frame.
+        self.marked: list[tuple[str, list[str]]] = []
         #: The mark frames among `chunks`, kept apart so a failed write can hand them on.
         self.marks: list[bytes] = []
         self.done = gevent.event.Event()
@@ -55,7 +58,12 @@ class _Batch:
 
 
 class Wal:
-    """One worker's WAL directory. Call replay(), then start(), then append and mark."""
+    """One worker's WAL directory. start(), then append and mark; replay() the older segments meanwhile.
+
+    The service calls start() first, so the worker takes writes at once, and runs
+    replay() in the background; until replay returns, nothing is reclaimed. Calling
+    replay() before start() works too (tests and benchmarks do).
+    """
 
     def __init__(self, directory: Path, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, logger: Any) -> None:
         self.directory = directory
@@ -78,7 +86,8 @@ class Wal:
         self._live_from = -1
         #: The batch the flusher is writing now, so flush() can wait for it too.
         self._writing: _Batch | None = None
-        self._loc: dict[str, int] = {}
+        #: The fold of every record written or replayed: each pending entry's segment.
+        self._live: Fold[int] = Fold()
         self._seg_pending: Counter[int] = Counter()
         self._segments: list[int] = []
         self._bytes_on_disk = 0
@@ -95,10 +104,12 @@ class Wal:
         """
         below = self._live_from if self._started else None
         result: ReplayResult = self._pool.apply(replay_directory, (self.directory, progress), {"below": below})
-        # Built by comprehension (one pass at C speed), and an id already live (written
-        # again since start, e.g. a retried dead letter) keeps its live place: counting
-        # it in its old segment too would pin that segment forever.
-        live = self._loc
+        # The older segments' records all come before the live ones, so where both name
+        # an id the live record wins (the fold's rule): an id already live (written again
+        # since start, e.g. a retried dead letter) keeps its live place, and counting it
+        # in its old segment too would pin that segment forever. Merged by comprehension
+        # (one pass at C speed) rather than record by record through the fold.
+        live = self._live.pending
         found = {pid: seg for pid, (_entry, seg) in result.pending.items() if pid not in live}
         live.update(found)
         self._seg_pending.update(found.values())
@@ -155,7 +166,7 @@ class Wal:
         self._mark(records.DELIVERED, payload_ids)
 
     def mark_discarded(self, payload_ids: Sequence[str]) -> None:
-        """Settle entries that must never be delivered (they lost an idempotency race)."""
+        """Record DISCARDED for entries that must never be delivered (they lost an idempotency race)."""
         self._mark(records.DISCARDED, payload_ids)
 
     def mark_failed(self, payload_ids: Sequence[str]) -> None:
@@ -195,7 +206,7 @@ class Wal:
         overflowed). Reads in the I/O thread; the set of pending ids is snapshotted
         here on the hub, so the thread never touches live state.
         """
-        pending = frozenset(self._loc)
+        pending = frozenset(self._live.pending)
         numbers = list(self._segments)
         return self._pool.apply(_scan_pending, (self.directory, numbers, pending, destination, limit))
 
@@ -203,7 +214,7 @@ class Wal:
 
     @property
     def pending_count(self) -> int:
-        return len(self._loc)
+        return len(self._live.pending)
 
     @property
     def size_bytes(self) -> int:
@@ -214,7 +225,7 @@ class Wal:
         return len(self._segments)
 
     def is_pending(self, payload_id: str) -> bool:
-        return payload_id in self._loc
+        return payload_id in self._live.pending
 
     # -- internals: hub side -------------------------------------------------
 
@@ -232,7 +243,7 @@ class Wal:
         frame = encode(kind, records.encode_ids(payload_ids))
         batch = self._enqueue(frame)
         batch.marks.append(frame)
-        batch.settled.extend(payload_ids)
+        batch.marked.append((mark_status(kind), list(payload_ids)))
 
     @staticmethod
     def _wait(batch: _Batch) -> None:
@@ -282,29 +293,31 @@ class Wal:
         nxt = self._current
         nxt.chunks[:0] = failed.marks
         nxt.marks[:0] = failed.marks
-        nxt.settled[:0] = failed.settled
+        nxt.marked[:0] = failed.marked
 
     def _account(self, seg: int, batch: _Batch) -> None:
         # Rotation happens in the thread; learn of every segment it opened, even
         # ones a failed write left empty, so reclaim can delete them.
         last = self._segments[-1] if self._segments else seg - 1
         self._segments.extend(range(last + 1, seg + 1))
+        live = self._live
         for payload_id in batch.entries:
-            self._loc[payload_id] = seg
+            live.entry(payload_id, seg)
             self._seg_pending[seg] += 1
-        for payload_id in batch.settled:
-            where = self._loc.pop(payload_id, None)
-            if where is not None:
-                self._seg_pending[where] -= 1
-        if batch.settled and len(self._segments) > 1 and self._replayed:
+        for status, payload_ids in batch.marked:
+            for payload_id in payload_ids:
+                where = live.end(payload_id, status)
+                if where is not None:
+                    self._seg_pending[where] -= 1
+        if batch.marked and len(self._segments) > 1 and self._replayed:
             self.reclaim()
 
     def reclaim(self) -> None:
-        """Delete the oldest segments while every entry in them is settled.
+        """Delete the oldest segments while every entry in them is marked (no longer PENDING).
 
         Only a prefix is deleted: a mark always lives in the same or a later
         segment than its entry, so deleting oldest-first never strands an entry
-        whose settling mark was removed.
+        whose mark was removed.
         """
         if not self._replayed:
             # Before replay, no segment's pending count is known yet.
@@ -320,7 +333,7 @@ class Wal:
             freed: int = self._pool.apply(self._unlink, (doomed,))
         except OSError as exc:
             # Reclaim only frees space: it must never take the flusher down with it.
-            # The segments stay listed, so the next settle tries again.
+            # The segments stay listed, so the next mark tries again.
             self._log.error("wal_reclaim_failed", directory=str(self.directory), error=str(exc), errno=exc.errno)
             return
         del self._segments[: len(doomed)]
@@ -351,7 +364,7 @@ class Wal:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_DSYNC
         fd = os.open(path, flags, 0o600)
         try:
-            self._fsync_dir()
+            fsync_directory(self.directory)
         except OSError:
             # Remove the empty file we just made, or every retry's O_EXCL would fail.
             os.close(fd)
@@ -392,18 +405,11 @@ class Wal:
                 path.unlink()
             except FileNotFoundError:
                 continue
-        self._fsync_dir()
+        fsync_directory(self.directory)
         return freed
 
     def _disk_usage(self) -> int:
         return sum(path.stat().st_size for _n, path in list_segments(self.directory))
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _close_fd(self) -> None:
         if self._fd >= 0:

@@ -1,4 +1,4 @@
-"""What the WAL's record bodies mean: entries and the marks that settle them."""
+"""What the WAL's record bodies mean: entries, and the marks that end their PENDING state."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from ..entry import Entry
 ENTRY = ord("E")
 DELIVERED = ord("D")
 FAILED = ord("F")
-#: An entry that lost an idempotency race: settled without delivery.
+#: An entry that lost an idempotency race: marked without delivery.
 DISCARDED = ord("X")
 
-SETTLING_KINDS = frozenset((DELIVERED, FAILED, DISCARDED))
 KIND_NAMES = {ENTRY: "entry", DELIVERED: "delivered", FAILED: "failed", DISCARDED: "discarded"}
 
 _ID_LEN = 32

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..entry import Entry
 from . import records
 from ._frame import CHECKED_FROM, HEADER_SIZE, KIND_AT, MAGIC, MAX_BODY, Damage, Frame, scan, unpack_header
+from .fold import Fold
 from .segments import list_segments
 
 
@@ -26,22 +27,11 @@ class DamageReport:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """An idempotency key seen in the WAL, to rebuild the key index after a crash."""
-
-    source: str
-    key: str
-    payload_id: str
-    received_at: float
-
-
 @dataclass
 class ReplayResult:
     """What the WAL holds. `pending` keeps WAL order: oldest first."""
 
     pending: dict[str, tuple[Entry, int]] = field(default_factory=dict)
-    keys: list[KeyRecord] = field(default_factory=list)
     damage: list[DamageReport] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     segments: list[int] = field(default_factory=list)
@@ -57,15 +47,15 @@ Progress = Callable[[int, int, int], None]
 
 
 def replay_directory(directory: Path, progress: Progress | None = None, *, below: int | None = None) -> ReplayResult:
-    """Read every segment of `directory`, oldest first, and settle entries by their marks.
+    """Read every segment of `directory`, oldest first, and fold its records into the PENDING entries.
 
-    Later records win, so an entry put back to PENDING (a retried dead letter) is
-    pending again. Never raises on damage: each damaged run is reported and skipped.
-    Segments numbered `below` and up are left out: they are being written now.
+    The rules are wal.fold's: later records win, so an entry put back to PENDING (a
+    retried dead letter) is pending again. Never raises on damage: each damaged run
+    is reported and skipped. Segments numbered `below` and up are left out: they are being written now.
     """
     started = time.monotonic()
-    result = ReplayResult()
-    pending = result.pending
+    fold: Fold[tuple[Entry, int]] = Fold()
+    result = ReplayResult(pending=fold.pending)
     segs = [(n, p) for n, p in list_segments(directory) if below is None or n < below]
     # Replay allocates a few objects per record and keeps most of them (the pending
     # entries), which sets off the cyclic collector over and over, each pass walking
@@ -76,30 +66,25 @@ def replay_directory(directory: Path, progress: Progress | None = None, *, below
     collecting = gc.isenabled()
     gc.disable()
     try:
-        _read_segments(segs, result, progress)
+        _read_segments(segs, result, fold, progress)
     finally:
         if collecting:
             gc.enable()
-    # Only pending entries' keys matter: a settled entry's key was claimed when it
-    # was written, before its client got an answer.
-    result.keys = [
-        KeyRecord(e.source, e.idempotency_key, e.payload_id, e.received_at)
-        for e, _n in pending.values()
-        if e.idempotency_key is not None
-    ]
     result.seconds = time.monotonic() - started
     return result
 
 
-def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress: Progress | None) -> None:
-    """The body of replay_directory: settle every record of `segs` into `result`."""
+def _read_segments(
+    segs: list[tuple[int, Path]], result: ReplayResult, fold: Fold[tuple[Entry, int]], progress: Progress | None
+) -> None:
+    """The body of replay_directory: fold every record of `segs` into `result`."""
     for done, (number, path) in enumerate(segs):
         result.segments.append(number)
         try:
             buf = path.read_bytes()
         except FileNotFoundError:
             buf = b""
-        pos = _settle_intact(buf, number, path, result)
+        pos = _fold_intact(buf, number, path, result, fold)
         if pos < len(buf):
             # Damage: the general scanner finds and reports each damaged run and goes
             # on with the intact records after it. Rare, so its cost per record is moot.
@@ -107,21 +92,23 @@ def _read_segments(segs: list[tuple[int, Path]], result: ReplayResult, progress:
                 if type(item) is Damage:
                     result.damage.append(DamageReport(path, item.offset, item.length, item.reason))
                 else:
-                    _settle_record(item, number, path, result)  # type: ignore[arg-type]
+                    _fold_record(item, number, path, result, fold)  # type: ignore[arg-type]
         if progress is not None:
             progress(result.records, done + 1, len(segs))
 
 
-def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) -> int:
-    """Settle the intact records at the start of `buf`; returns where the first damage begins.
+def _fold_intact(buf: bytes, number: int, path: Path, result: ReplayResult, fold: Fold[tuple[Entry, int]]) -> int:
+    """Fold the intact records at the start of `buf`; returns where the first damage begins.
 
     The fast path of replay, and the reason it is written out by hand: it runs once
     per record at startup. It checks each frame where it lies and decodes an entry
     straight from the segment's bytes, with no Frame, no generator and no copy of the
-    record's body (replay went from about 8 to 6 us a record). Anything but an intact
-    entry record goes through _settle_record, as the slow path's records do.
+    record's body (replay went from about 8 to 6 us a record). For the same reason
+    it applies an entry record inline, as Fold.entry does (same rule, no call per
+    record). Anything but an intact entry record goes through _fold_record, as the
+    slow path's records do.
     """
-    pending = result.pending
+    pending = fold.pending
     pop = pending.pop
     unpack, crc32, decode = unpack_header, zlib.crc32, records.decode_entry_at
     entry_kind = records.ENTRY
@@ -150,7 +137,7 @@ def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) ->
             pending[payload_id] = (entry, number)
             entries += 1
         else:
-            _settle_record(Frame(pos, buf[pos + KIND_AT], buf[start:stop]), number, path, result)
+            _fold_record(Frame(pos, buf[pos + KIND_AT], buf[start:stop]), number, path, result, fold)
         pos = stop
     result.records += entries
     if entries:
@@ -160,24 +147,18 @@ def _settle_intact(buf: bytes, number: int, path: Path, result: ReplayResult) ->
     return pos
 
 
-def _settle_record(frame: Frame, number: int, path: Path, result: ReplayResult) -> None:
-    """Settle one intact record into `result`; an unreadable body is reported as damage."""
-    pending = result.pending
+def _fold_record(frame: Frame, number: int, path: Path, result: ReplayResult, fold: Fold[tuple[Entry, int]]) -> None:
+    """Fold one intact record into `result`; an unreadable body is reported as damage."""
     kind, body = frame.kind, frame.body
     try:
         if kind == records.ENTRY:
             entry = records.decode_entry(body)
-            if pending.pop(entry.payload_id, None) is not None:
+            if fold.entry(entry.payload_id, (entry, number)):
                 result.counts["revived"] += 1
-            pending[entry.payload_id] = (entry, number)
             result.counts["entry"] += 1
-        elif kind in records.SETTLING_KINDS:
-            ids = records.decode_ids(body)
-            for settled in ids:
-                pending.pop(settled, None)
-            result.counts[records.KIND_NAMES[kind]] += len(ids)
         else:
-            raise ValueError(f"unknown record kind {kind}")
+            marked = fold.mark(kind, body)
+            result.counts[records.KIND_NAMES[kind]] += marked
     except _UNDECODABLE as exc:
         # An intact frame whose body we cannot read: skip it like damage.
         result.damage.append(DamageReport(path, frame.offset, len(body), f"undecodable: {exc}"))

@@ -1,10 +1,12 @@
-"""Adopting orphaned WAL directories: entries whose worker is gone and not coming back.
+"""Taking over WAL directories no live worker holds: entries whose worker is gone for good.
 
 When gunicorn starts with fewer workers than last time, some WAL directories have no
 owner. A worker that can lock such a directory copies its PENDING entries into its
-own WAL (durably, keeping their payload_ids), delivers them, and only then empties
-the orphan. A crash in between leaves the entries in both WALs; the destination's
-idempotent write on payload_id makes the second delivery harmless.
+own WAL (durably, keeping their payload_ids) and empties the orphan as soon as that
+append has returned, before any of them is delivered: from then on its own WAL holds
+them, so they survive a crash like any entry it accepted itself. A crash between the
+append and the emptying leaves the entries in both WALs; the destination's idempotent
+write on payload_id makes the second delivery harmless.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .entry import Entry
-from .wal import Wal, replay_directory
-from .wal.dirlock import existing_dirs, try_lock
-from .wal.segments import list_segments
+from .._files import fsync_directory
+from ..entry import Entry
+from .dirlock import existing_dirs, try_lock
+from .log import Wal
+from .replay import replay_directory
+from .segments import list_segments
 
 #: Entries copied per WAL batch, so adopting a large orphan never holds one huge batch.
 ADOPT_CHUNK = 1000
@@ -57,8 +61,4 @@ def adopt_orphans(root: Path, own: Path, wal: Wal, logger: Any) -> list[Entry]:
 def _empty_directory(path: Path) -> None:
     for _number, segment in list_segments(path):
         segment.unlink(missing_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path)
