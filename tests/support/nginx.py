@@ -28,14 +28,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
+from tests.support.services import HOST, free_port, skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONF = ROOT / "deploy" / "nginx.conf"
-HOST = "127.0.0.1"
-REQUIRE_ENV = "NEXUS_TEST_REQUIRE_SERVICES"
 #: Where Debian puts the binary; PATH is searched first.
 DEBIAN_NGINX = Path("/usr/sbin/nginx")
 #: How long nginx may take to start or to stop gracefully: far above its usual few ms.
@@ -55,13 +54,6 @@ _USER = re.compile(r"^user[ \t]", re.MULTILINE)
 
 class NginxConfigShape(AssertionError):
     """deploy/nginx.conf no longer has the lines the test rendering substitutes."""
-
-
-def skip_or_fail(reason: str) -> NoReturn:
-    """Skip the test, or fail it when the environment requires every service."""
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
-    pytest.skip(reason)
 
 
 def find_nginx() -> Path | None:
@@ -98,14 +90,6 @@ def render_config(text: str, *, port: int, backends: Sequence[int], prefix: Path
         # Test rendering only: workers as root can enter pytest's root-only tmp dirs.
         text = "user root;\n" + text
     return text
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _accepts(port: int) -> bool:

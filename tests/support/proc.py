@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -26,11 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.support import services
+from tests.support.services import free_port
+
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Where the gunicorns under test listen; the process tests address them by it.
+HOST = services.HOST
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
-HOST = "127.0.0.1"
 TOKEN = "process-test-source-token"
 ADMIN_TOKEN = "process-test-admin-token"
 SOURCE = "default"
@@ -43,14 +46,6 @@ POLL_INTERVAL = 0.05
 
 class ProcessTestError(AssertionError):
     """A process did not reach the expected state in time; the message says what and shows the log."""
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on right now (bind to port 0 and ask the kernel)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(
