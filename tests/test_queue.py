@@ -269,7 +269,7 @@ class TestDrain:
         assert h.destination.delivered == [entries[0].payload_id]
         assert h.updater.delivered_ids == [entries[0].payload_id]
         # The three entries never taken stay PENDING: neither written nor marked.
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
     def test_drain_cuts_backoff_short_and_leaves_entry_pending(self, start: Callable[..., Harness]) -> None:
         """A drain during a backoff wait ends it at once and leaves the entry unmarked (PENDING)."""
@@ -285,7 +285,7 @@ class TestDrain:
         assert len(h.destination.calls) == 1
         assert h.destination.delivered == []
         assert h.updater.delivered_ids == []
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert "retry_abandoned_by_drain" in h.logger.events("info")
 
 
@@ -312,7 +312,7 @@ class TestRetry:
         warned = [r for r in h.logger.at("warning") if r.event == "delivery_failed"]
         assert len(warned) == 3
         assert all(r.fields["payload_ids"] == [entry.payload_id] for r in warned)
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
     def test_entry_is_dead_lettered_after_max_attempts_and_not_written_again(
         self, start: Callable[..., Harness]
@@ -324,10 +324,10 @@ class TestRetry:
         h.destination.poison(entry.payload_id)
         # When
         h.queue.enqueue(entry)
-        wait_until(lambda: len(h.updater.dead_letters) == 1)
+        wait_until(lambda: len(h.updater.failure_marks) == 1)
         assert h.queue.drain() is True
         # Then: marked once, with its attempts, and never written again
-        (dead,) = h.updater.dead_letters
+        (dead,) = h.updater.failure_marks
         assert dead.entry == entry
         assert dead.attempts == 3
         assert entry.payload_id in dead.error
@@ -347,7 +347,7 @@ class TestRetry:
             h.queue.enqueue(entry)
         assert h.queue.drain() is True
         # Then
-        (dead,) = h.updater.dead_letters
+        (dead,) = h.updater.failure_marks
         assert dead.entry == bad
         assert dead.attempts == 1
         assert h.destination.calls_for(bad.payload_id) == []
@@ -362,9 +362,9 @@ class TestRetry:
         # When
         h.queue.enqueue(first)
         h.queue.enqueue(second)
-        wait_until(lambda: len(h.updater.dead_letters) == 2)
+        wait_until(lambda: len(h.updater.failure_marks) == 2)
         # Then
-        errors = {d.entry.payload_id: d.error for d in h.updater.dead_letters}
+        errors = {d.entry.payload_id: d.error for d in h.updater.failure_marks}
         assert first.payload_id in errors[first.payload_id]
         assert second.payload_id in errors[second.payload_id]
 
@@ -413,7 +413,7 @@ class TestBatching:
         wait_until(lambda: set(h.destination.delivered) == healthy, timeout=1.0)
         assert h.destination.calls[0].payload_ids == tuple(ids(entries))
         assert h.destination.calls[0].outcome == "rejected"
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert h.queue.drain(timeout=2.0) is True
         assert set(h.updater.delivered_ids) == healthy
 
@@ -427,10 +427,10 @@ class TestBatching:
         # When
         for entry in entries:
             h.queue.enqueue(entry)
-        wait_until(lambda: len(h.updater.dead_letters) == 1)
+        wait_until(lambda: len(h.updater.failure_marks) == 1)
         assert h.queue.drain() is True
         # Then: the batch write used no attempt; the poison had max_attempts writes alone
-        (dead,) = h.updater.dead_letters
+        (dead,) = h.updater.failure_marks
         assert (dead.entry, dead.attempts) == (poison, 3)
         assert len(h.destination.calls_for(poison.payload_id)) == 1 + 3
         healthy = [pid for pid in ids(entries) if pid != poison.payload_id]
@@ -584,7 +584,7 @@ class TestDestinationUnavailable:
         # Then
         assert sum(c.outcome == "unavailable" for c in h.destination.calls) == 6
         assert sorted(h.destination.delivered) == sorted(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert "destination_unavailable" in h.logger.events("warning")
 
     def test_outage_pauses_delivery_and_probes_until_back(self, start: Callable[..., Harness]) -> None:
@@ -597,13 +597,13 @@ class TestDestinationUnavailable:
         # When: probes keep failing for a while
         wait_until(lambda: h.destination.probes >= 3)
         assert h.destination.delivered == []
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         # When: it comes back
         h.destination.come_back()
         wait_until(lambda: len(h.destination.delivered) == 3)
         # Then
         assert sorted(h.destination.delivered) == sorted(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert h.queue.destination_available
         assert "destination_available" in h.logger.events("info")
 
@@ -622,7 +622,7 @@ class TestDestinationUnavailable:
         h.destination.come_back()
         wait_until(lambda: len(h.destination.delivered) == 5)
         assert sorted(h.destination.delivered) == sorted(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
     def test_drain_during_outage_returns_promptly_leaving_entries_pending(self, start: Callable[..., Harness]) -> None:
         """A drain during an outage finishes promptly; the entries stay PENDING (unmarked)."""
@@ -633,7 +633,7 @@ class TestDestinationUnavailable:
         assert h.queue.drain(timeout=2.0) is True
         assert h.destination.delivered == []
         assert h.updater.delivered_ids == []
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
 
 class TestHolds:
@@ -689,4 +689,4 @@ class TestDeliveryProperty:
             assert h.stop()
         assert Counter(h.destination.delivered) == Counter(ids(entries))
         assert Counter(h.updater.delivered_ids) == Counter(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
