@@ -54,6 +54,13 @@ class Harness:
             self.queue.enqueue(entry)
         return entries
 
+    def stall_writes(self, count: int, *, in_flight: int = 1) -> list[Entry]:
+        """Stall the destination, enqueue `count` fresh entries, and wait until `in_flight` writes hold some of them."""
+        self.destination.stall()
+        entries = self.enqueue_new(count)
+        wait_until(lambda: self.destination.in_flight == in_flight)
+        return entries
+
     def stop(self) -> bool:
         """Let every double run free again, then drain."""
         self.destination.release()
@@ -111,9 +118,7 @@ class TestConstruction:
         """Spec: Size of 0 or less falls back to defaultSize (10 000) buffered entries."""
         # Given: one worker stalled on its first entry
         h = start(size=size, workers=1, batch_max=1)
-        h.destination.stall()
-        h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        h.stall_writes(1)
         # When / Then: exactly DEFAULT_SIZE more fit, and the next is shed
         assert h.queue.capacity == DEFAULT_SIZE == 10_000
         h.enqueue_new(DEFAULT_SIZE)
@@ -142,9 +147,7 @@ class TestEnqueue:
         """Spec: a full queue returns ErrLoadShed immediately and does not buffer the entry."""
         # Given: the only worker is stalled and the buffer is full
         h = start(size=3, workers=1, batch_max=1)
-        h.destination.stall()
-        h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        h.stall_writes(1)
         h.enqueue_new(3)
         assert h.queue.free_slots == 0
         # When: one more arrives
@@ -159,9 +162,7 @@ class TestEnqueue:
         """Spec: Enqueue is non-blocking; on the hub that means it never switches greenlets."""
         # Given: a stalled worker and a greenlet that is ready to run
         h = start(size=5, workers=1, batch_max=1)
-        h.destination.stall()
-        h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        h.stall_writes(1)
         ran: list[bool] = []
         gevent.spawn(ran.append, True)
         # When: we fill the queue and overflow it
@@ -185,10 +186,8 @@ class TestEnqueue:
         """An entry already buffered or in flight is not buffered a second time."""
         # Given: one entry in flight and one buffered
         h = start(workers=1, batch_max=1)
-        h.destination.stall()
-        in_flight, buffered = make_entry(), make_entry()
-        h.queue.enqueue(in_flight)
-        wait_until(lambda: h.destination.in_flight == 1)
+        (in_flight,) = h.stall_writes(1)
+        buffered = make_entry()
         h.queue.enqueue(buffered)
         # When: both are enqueued again
         h.queue.enqueue(in_flight)
@@ -207,9 +206,7 @@ class TestDrain:
         """Spec: Drain may be called any number of times, concurrently; it never fails."""
         # Given: two workers stalled mid-write, three entries buffered
         h = start(workers=2, batch_max=1)
-        h.destination.stall()
-        entries = h.enqueue_new(5)
-        wait_until(lambda: h.destination.in_flight == 2)
+        entries = h.stall_writes(5, in_flight=2)
         # When: fifteen greenlets drain at once, with and without a deadline
         drains = [gevent.spawn(h.queue.drain) for _ in range(10)]
         drains += [gevent.spawn(h.queue.drain, 5.0) for _ in range(5)]
@@ -256,9 +253,7 @@ class TestDrain:
         """Spec: DrainWithContext returns false when the deadline passes; workers then stop after their item."""
         # Given: the only worker is stalled on the first of four entries
         h = start(workers=1, batch_max=1)
-        h.destination.stall()
-        entries = h.enqueue_new(4)
-        wait_until(lambda: h.destination.in_flight == 1)
+        entries = h.stall_writes(4)
         # When: a drain's deadline passes first
         began = time.monotonic()
         assert h.queue.drain(timeout=0.05) is False
@@ -388,9 +383,7 @@ class TestBatching:
         """Entries that wait together are written in one call, batch_max at a time."""
         # Given: seven entries pile up behind a stalled write
         h = start(workers=1, batch_max=3)
-        h.destination.stall()
-        entries = h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        entries = h.stall_writes(1)
         entries += h.enqueue_new(7)
         # When
         h.destination.release()
@@ -643,10 +636,8 @@ class TestHolds:
         """holds() is True while an entry is buffered or being written, and False once delivered."""
         # Given: one entry in flight, one buffered
         h = start(workers=1, batch_max=1)
-        h.destination.stall()
-        in_flight, buffered = make_entry(), make_entry()
-        h.queue.enqueue(in_flight)
-        wait_until(lambda: h.destination.in_flight == 1)
+        (in_flight,) = h.stall_writes(1)
+        buffered = make_entry()
         h.queue.enqueue(buffered)
         # Then
         assert h.queue.holds(in_flight.payload_id)
