@@ -43,6 +43,7 @@ from nexus_gevent.testing import (
     make_entry,
     wait_until,
 )
+from tests.support.config_toml import config_toml, destination_table, source_table
 from tests.support.proc import (
     ADMIN_TOKEN,
     HOST,
@@ -401,25 +402,12 @@ PG_TOKEN = "delivery-test-pg-token"
 
 
 def two_destinations_toml(postgres_url: str, lite_db: Path) -> str:
-    return f"""
-[[destinations]]
-name = "pg"
-url = "{postgres_url}"
-
-[[destinations]]
-name = "lite"
-url = "sqlite:///{lite_db}"
-
-[[sources]]
-name = "to_pg"
-token = "{PG_TOKEN}"
-destination = "pg"
-
-[[sources]]
-name = "to_lite"
-token = "{LITE_TOKEN}"
-destination = "lite"
-"""
+    return config_toml(
+        destination_table("pg", postgres_url),
+        destination_table("lite", f"sqlite:///{lite_db}"),
+        source_table("to_pg", token=PG_TOKEN, destination="pg"),
+        source_table("to_lite", token=LITE_TOKEN, destination="lite"),
+    )
 
 
 @pytest.mark.postgres
