@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import HOST, free_port, skip_or_fail
+from tests.support.services import HOST, free_port, kill_session, read_log, skip_or_fail, start_in_session
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONF = ROOT / "deploy" / "nginx.conf"
@@ -111,10 +111,7 @@ class Nginx:
     log_path: Path
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def wait_answering(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until nginx accepts connections on its port; AssertionError with its log if it died."""
@@ -138,10 +135,7 @@ class Nginx:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(STOP_TIMEOUT)
         # Workers share the master's process group; none may outlive the test.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(STOP_TIMEOUT)
+        kill_session(self.proc, STOP_TIMEOUT)
 
 
 def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: int | None = None) -> Nginx:
@@ -155,16 +149,12 @@ def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: in
         render_config(SHIPPED_CONF.read_text(), port=port, backends=backends, prefix=prefix, as_root=os.geteuid() == 0)
     )
     log_path = prefix / "nginx.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            # -e stderr: the error log nginx opens before it has read the config.
-            [str(binary), "-c", str(conf_path), "-p", f"{prefix}/", "-e", "stderr", "-g", "daemon off;"],
-            cwd=prefix,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_in_session(
+        # -e stderr: the error log nginx opens before it has read the config.
+        [str(binary), "-c", str(conf_path), "-p", f"{prefix}/", "-e", "stderr", "-g", "daemon off;"],
+        cwd=prefix,
+        log_path=log_path,
+    )
     server = Nginx(proc=proc, port=port, prefix=prefix, conf_path=conf_path, log_path=log_path)
     try:
         server.wait_answering()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.support import services
-from tests.support.services import free_port
+from tests.support.services import free_port, kill_session, read_log, start_in_session
 
 T = TypeVar("T")
 
@@ -138,10 +138,7 @@ class Gunicorn:
     # -- the log ---------------------------------------------------------------
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_records(self) -> list[dict[str, Any]]:
         """Every JSON line of the log, in order; anything else (a stray traceback) is skipped."""
@@ -240,10 +237,7 @@ class Gunicorn:
 
     def cleanup(self) -> None:
         """Kill whatever is left of this gunicorn (master and workers share a process group)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
+        kill_session(self.proc, 10)
 
 
 def start_gunicorn(
@@ -262,17 +256,12 @@ def start_gunicorn(
     """
     port = free_port() if port is None else port
     data_dir.mkdir(parents=True, exist_ok=True)
-    # O_APPEND: the master and every worker write whole lines to the one file.
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=service_env(data_dir, port, workers, env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_in_session(
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        log_path=log_path,
+        env=service_env(data_dir, port, workers, env),
+    )
     server = Gunicorn(proc=proc, port=port, data_dir=data_dir, log_path=log_path, workers=workers)
     if registry is not None:
         registry.append(server)
