@@ -54,9 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.proc import (
-    HOST,
     SOURCE,
     Gunicorn,
+    KeepAlive,
     children_of,
     destination_locked,
     is_alive,
@@ -214,9 +214,8 @@ class Loader:
             self.latencies.append(seconds)
 
     def _run(self) -> None:
-        conn: http.client.HTTPConnection | None = None
         headers = post_headers()
-        try:
+        with contextlib.closing(KeepAlive(self._port, timeout=30)) as client:
             while not self._stop.is_set():
                 due = self._slot()
                 # Pacing, not synchronisation: wait for this slot's time, or for stop.
@@ -229,25 +228,12 @@ class Loader:
                 body = json.dumps({"soak": due, "pad": "x" * 64}).encode()
                 started = time.monotonic()
                 try:
-                    if conn is None:
-                        conn = http.client.HTTPConnection(HOST, self._port, timeout=30)
-                    conn.request("POST", f"/inbound/{SOURCE}", body=body, headers=headers)
-                    response = conn.getresponse()
-                    data = response.read()
+                    response = client.post(f"/inbound/{SOURCE}", body, headers)
                 except (OSError, http.client.HTTPException) as exc:
                     with self._lock:
                         self.errors[type(exc).__name__] += 1
-                    if conn is not None:
-                        conn.close()
-                        conn = None
                     continue
-                self._record(response.status, data, time.monotonic() - started)
-                if response.will_close:
-                    conn.close()
-                    conn = None
-        finally:
-            if conn is not None:
-                conn.close()
+                self._record(response.status, response.body, time.monotonic() - started)
 
 
 # -- the destination ----------------------------------------------------------------------

@@ -187,8 +187,8 @@ class DeliveredMark:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One call of RecordingUpdater.mark_permanent_failure."""
+class FailureMark:
+    """One call of RecordingUpdater.mark_permanent_failure: the entry, its last error and its attempts."""
 
     at: float
     entry: Entry
@@ -204,7 +204,7 @@ class RecordingUpdater:
 
     def __init__(self) -> None:
         self.delivered_marks: list[DeliveredMark] = []
-        self.dead_letters: list[DeadLetter] = []
+        self.failure_marks: list[FailureMark] = []
         self.fail_mark_delivered = False
         self.fail_mark_permanent_failure = False
         self.marking = 0
@@ -235,7 +235,7 @@ class RecordingUpdater:
     def mark_permanent_failure(self, entry: Entry, error: str, attempts: int) -> None:
         if self.fail_mark_permanent_failure:
             raise OSError("wal: no space left on device")
-        self.dead_letters.append(DeadLetter(time.monotonic(), entry, error, attempts))
+        self.failure_marks.append(FailureMark(time.monotonic(), entry, error, attempts))
 
 
 # -- logger ------------------------------------------------------------------------

@@ -15,19 +15,25 @@ from tests.support.proc import Launcher
 
 
 @pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """The service's JSON log lines, written to a buffer instead of stdout."""
+def restore_logging() -> Iterator[None]:
+    """Puts back what configure_logging changes process-wide: structlog's config and context, the root logger."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure_logging("INFO", json=True, stream=stream)
     try:
-        yield stream
+        yield
     finally:
-        # configure_logging sets structlog's global config and the root logger.
         structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+@pytest.fixture
+def captured_logs(restore_logging: None) -> io.StringIO:
+    """The service's JSON log lines, written to a buffer instead of stdout."""
+    stream = io.StringIO()
+    configure_logging("INFO", json=True, stream=stream)
+    return stream
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,14 +56,6 @@ ORPHAN_EXIT_TIMEOUT = 30.0
 FINAL_DELIVERY_TIMEOUT = 120.0
 
 KILLS = ("master", "worker", "both")
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    """Starts gunicorns on tmp_path/data, one log each; kills whatever is left at teardown."""
-    launch = Launcher(tmp_path)
-    yield launch
-    launch.cleanup()
 
 
 def kill_master_and_wait_for_orphans(server: Gunicorn) -> int:
@@ -124,7 +115,7 @@ class TestCrashLoop:
     """Promise 1 under repetition: no kill -9 of master or worker, at any moment, loses or duplicates an ack."""
 
     def test_kill9_crash_loop_under_writes_stores_every_ack_exactly_once(
-        self, launcher: Launcher, capsys: pytest.CaptureFixture[str]
+        self, launch: Launcher, capsys: pytest.CaptureFixture[str]
     ) -> None:
         """Many starts, each killed with -9 mid-write (master, worker or both): a last start stores each ack once."""
         rng = random.Random(SEED)
@@ -133,14 +124,14 @@ class TestCrashLoop:
         orphans = 0
         # Given a data directory that lives through CYCLES crashes under continuous writes
         for cycle in range(CYCLES):
-            server = launcher(workers=2)
+            server = launch(workers=2)
             server.wait_ready()
             how, killed = run_cycle(server, rng, ledger, cycle)
             kills[how] += 1
             orphans += killed
             assert not server.worker_pids(), f"cycle {cycle} left workers alive\n{server.log_tail()}"
         # When it starts once more and is stopped cleanly after delivering every ack
-        final = launcher(workers=2)
+        final = launch(workers=2)
         final.wait_ready(timeout=60)
         wait_delivered(final.db_path, ledger.snapshot_acked(), timeout=FINAL_DELIVERY_TIMEOUT)
         code, _ = final.stop(signal.SIGTERM)

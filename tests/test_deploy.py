@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.proc import (
-    Gunicorn,
+    SMALL_QUEUE,
     Launcher,
     Ledger,
     Response,
     Writers,
     admin_headers,
+    assert_exactly_once,
     count_rows,
-    exactly_once_problems,
     exchange,
     metric_sum,
+    pg_markers,
     post_headers,
     ready,
     row_problems,
@@ -49,8 +50,6 @@ pytestmark = pytest.mark.process
 PAYLOAD_ID = re.compile(r"[0-9a-f]{32}")
 #: NEXUS_MAX_BODY_BYTES's default, and nginx's client_max_body_size 1m.
 MAX_BODY = 1_048_576
-#: A queue this small fills after a handful of writes while delivery is paused.
-SMALL_QUEUE = {"NEXUS_QUEUE_SIZE": "5", "NEXUS_QUEUE_WORKERS": "1"}
 #: Writes sent while the destination is locked: several times what the queues hold.
 LOCKED_WRITES = 60
 #: Writes a test sends, at most, looking for the first 429.
@@ -82,11 +81,6 @@ def write_until_shed(port: int, ledger: Ledger, first: int = 0) -> tuple[int, Re
             return n, response, request_id
         assert response.status == 202, response
     raise AssertionError(f"no 429 within {MAX_WRITES_TO_FILL} writes: {dict(ledger.outcomes)}")
-
-
-def assert_exactly_once(ledger: Ledger, server: Gunicorn, *, responses_may_be_lost: bool = False) -> None:
-    problems = exactly_once_problems(ledger, server.db_path, responses_may_be_lost=responses_may_be_lost)
-    assert problems == [], f"{problems[:20]}\noutcomes: {dict(ledger.outcomes)}\n{server.log_tail()}"
 
 
 @pytest.mark.nginx
@@ -341,22 +335,7 @@ class TestScaling:
         assert all(accepted), accepted
         assert sum(accepted) == total, accepted
         # ... and every acknowledged payload_id is in nexus_entries exactly once, row by row
-        counts, markers = read_postgres_rows(postgres_db_url)
-        problems = row_problems(ledger, counts, markers, responses_may_be_lost=False)
+        markers = pg_markers(postgres_db_url)
+        problems = row_problems(ledger, markers, responses_may_be_lost=False)
         assert problems == [], f"{problems[:20]}\noutcomes: {dict(ledger.outcomes)}"
-        assert sum(counts.values()) == total
-
-
-def read_postgres_rows(url: str) -> tuple[dict[str, int], list[tuple[str, int | None]]]:
-    """(payload_id -> rows, [(payload_id, the body's "n")]) of nexus_entries in PostgreSQL."""
-    import psycopg  # here: a gevent-patched test process must patch before psycopg is imported
-
-    with psycopg.connect(url, connect_timeout=10) as conn:
-        counts = {
-            str(pid): int(n)
-            for pid, n in conn.execute("SELECT payload_id, count(*) FROM nexus_entries GROUP BY payload_id")
-        }
-        markers: list[tuple[str, int | None]] = []
-        for pid, n in conn.execute("SELECT payload_id, payload->'n' FROM nexus_entries"):
-            markers.append((str(pid), n if isinstance(n, int) else None))
-    return counts, markers
+        assert len(markers) == total

@@ -41,7 +41,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.support.postgres import skip_or_fail
 from tests.support.proc import (
     ADMIN_TOKEN,
     HOST,
@@ -55,6 +54,7 @@ from tests.support.proc import (
     post_headers,
     wait_for,
 )
+from tests.support.services import skip_or_fail
 
 pytestmark = pytest.mark.process
 

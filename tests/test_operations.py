@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.proc import (
     ADMIN_TOKEN,
+    SMALL_QUEUE,
     TOKEN,
     Gunicorn,
     Launcher,
@@ -28,8 +29,8 @@ from tests.support.proc import (
     Response,
     Writers,
     admin_headers,
+    assert_exactly_once,
     count_rows,
-    exactly_once_problems,
     exchange,
     metric_sum,
     post_headers,
@@ -46,8 +47,6 @@ pytestmark = pytest.mark.process
 
 #: Writes of the counting test, all of which fit in the default queue.
 WRITES = 200
-#: A queue this small fills after a handful of writes while delivery is paused.
-SMALL_QUEUE = {"NEXUS_QUEUE_SIZE": "5", "NEXUS_QUEUE_WORKERS": "1"}
 #: Fresh-connection writes, at most, until both workers hold entries.
 MAX_FILL_WRITES = 200
 POISON = "poison-marker"
@@ -99,11 +98,6 @@ def write_until_both_workers_hold_entries(server: Gunicorn, ledger: Ledger, at_l
         if all(s["wal"]["pending"] >= at_least for s in found.values()):
             return found
     raise AssertionError(f"{MAX_FILL_WRITES} writes never reached both workers: {statuses(server)}")
-
-
-def assert_exactly_once(ledger: Ledger, server: Gunicorn) -> None:
-    problems = exactly_once_problems(ledger, server.db_path, responses_may_be_lost=False)
-    assert problems == [], f"{problems[:20]}\noutcomes: {dict(ledger.outcomes)}\n{server.log_tail()}"
 
 
 def assert_error_shape(response: Response, status: int, code: str) -> None:

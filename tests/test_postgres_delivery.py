@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import falcon.testing
 import gevent  # type: ignore[import-untyped, unused-ignore]
@@ -43,16 +43,20 @@ from nexus_gevent.testing import (
     make_entry,
     wait_until,
 )
+from tests.support.config_toml import config_toml, destination_table, source_table
 from tests.support.proc import (
     ADMIN_TOKEN,
     HOST,
     TOKEN,
     Gunicorn,
+    KeepAlive,
     Launcher,
     Ledger,
     Writers,
     admin_headers,
+    exactly_once_problems,
     exchange,
+    pg_markers,
     post_headers,
     row_problems,
     wait_for,
@@ -84,21 +88,10 @@ POISON_BODY = b'{"a": "x\\u0000y"}'
 # -- reading PostgreSQL ----------------------------------------------------------------
 
 
-def pg_rows(url: str) -> list[tuple[str, int | None]]:
-    """(payload_id, the payload's integer "n" or None) of every row of nexus_entries."""
-    sql = b"""
-        SELECT payload_id,
-               CASE WHEN jsonb_typeof(payload -> 'n') = 'number' THEN (payload ->> 'n')::bigint END
-        FROM nexus_entries
-    """
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        return [(str(pid), None if n is None else int(n)) for pid, n in conn.execute(sql).fetchall()]
-
-
 def pg_ids(url: str) -> set[str]:
     """The payload_ids stored so far; empty while the server cannot be reached."""
     try:
-        return {pid for pid, _ in pg_rows(url)}
+        return {pid for pid, _ in pg_markers(url)}
     except psycopg.OperationalError:
         return set()
 
@@ -115,11 +108,7 @@ def wait_pg_delivered(url: str, payload_ids: set[str], what: str) -> None:
 
 def pg_problems(ledger: Ledger, url: str) -> list[str]:
     """Breaches of "each acknowledged entry stored exactly once, and nothing else stored"."""
-    rows = pg_rows(url)
-    counts: dict[str, int] = {}
-    for payload_id, _ in rows:
-        counts[payload_id] = counts.get(payload_id, 0) + 1
-    return row_problems(ledger, counts, rows, responses_may_be_lost=False)
+    return row_problems(ledger, pg_markers(url), responses_may_be_lost=False)
 
 
 def assert_exactly_once(ledger: Ledger, url: str, server: Gunicorn) -> None:
@@ -169,6 +158,26 @@ def assert_no_dead_letters(server: Gunicorn) -> None:
 # -- /ready, watched while PostgreSQL goes down and comes back --------------------------
 
 
+class LoopThread:
+    """A daemon thread running `_run` for the length of a `with` block; `_stop` is set when the block ends."""
+
+    def __init__(self, name: str, *, join_timeout: float) -> None:
+        self._stop = threading.Event()
+        self._join_timeout = join_timeout
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self._join_timeout)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class ReadyLook:
     at: float
@@ -176,23 +185,14 @@ class ReadyLook:
     reasons: tuple[str, ...]
 
 
-class ReadyWatcher:
+class ReadyWatcher(LoopThread):
     """A thread asking GET /ready on fresh connections (so any worker may answer) and keeping every answer."""
 
     def __init__(self, port: int) -> None:
+        super().__init__("ready-watcher", join_timeout=10)
         self._port = port
-        self._stop = threading.Event()
         self._looks: list[ReadyLook] = []
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="ready-watcher", daemon=True)
-
-    def __enter__(self) -> ReadyWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def looks(self, since: float = 0.0, until: float = float("inf")) -> list[ReadyLook]:
         with self._lock:
@@ -220,10 +220,11 @@ class ReadyWatcher:
 # -- writing to one named source ----------------------------------------------------------
 
 
-class SourceWriter:
+class SourceWriter(LoopThread):
     """One thread POSTing {"n": <int>} to one source over a keep-alive connection, at a modest pace."""
 
     def __init__(self, port: int, source: str, token: str, *, first: int, pause: float = 0.005) -> None:
+        super().__init__(f"writer-{source}", join_timeout=30)
         self.ledger = Ledger()
         self.statuses: list[tuple[float, int]] = []
         self._port = port
@@ -231,40 +232,23 @@ class SourceWriter:
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._numbers = itertools.count(first)
         self._pause = pause
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"writer-{source}", daemon=True)
-
-    def __enter__(self) -> SourceWriter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
 
     def statuses_between(self, since: float, until: float) -> list[int]:
         return [status for at, status in list(self.statuses) if since <= at <= until]
 
     def _run(self) -> None:
-        conn = http.client.HTTPConnection(HOST, self._port, timeout=15)
-        try:
+        with contextlib.closing(KeepAlive(self._port)) as client:
             while not self._stop.is_set():
                 n = next(self._numbers)
                 self.ledger.record_sent(n)
                 try:
-                    response = exchange(
-                        self._port, "POST", self._path, json.dumps({"n": n}).encode(), self._headers, conn=conn
-                    )
+                    response = client.post(self._path, json.dumps({"n": n}).encode(), self._headers)
                 except (OSError, http.client.HTTPException) as exc:
                     self.ledger.record_lost(n, exc)
-                    conn.close()
-                    conn = http.client.HTTPConnection(HOST, self._port, timeout=15)
                     continue
                 self.ledger.record_response(n, response.status, response.body)
                 self.statuses.append((time.monotonic(), response.status))
                 self._stop.wait(self._pause)
-        finally:
-            conn.close()
 
 
 def sqlite_has(conn: sqlite3.Connection, payload_id: str) -> bool:
@@ -292,17 +276,6 @@ def timed_writes(port: int, path: str, token: str, db_path: Path, *, ledger: Led
         db.close()
         conn.close()
     return delays
-
-
-def sqlite_problems(ledger: Ledger, db_path: Path) -> list[str]:
-    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db:
-        rows = [
-            (str(pid), json.loads(p).get("n")) for pid, p in db.execute("SELECT payload_id, payload FROM nexus_entries")
-        ]
-    counts: dict[str, int] = {}
-    for payload_id, _ in rows:
-        counts[payload_id] = counts.get(payload_id, 0) + 1
-    return row_problems(ledger, counts, rows, responses_may_be_lost=False)
 
 
 def admin_status(port: int) -> dict[str, Any]:
@@ -429,25 +402,12 @@ PG_TOKEN = "delivery-test-pg-token"
 
 
 def two_destinations_toml(postgres_url: str, lite_db: Path) -> str:
-    return f"""
-[[destinations]]
-name = "pg"
-url = "{postgres_url}"
-
-[[destinations]]
-name = "lite"
-url = "sqlite:///{lite_db}"
-
-[[sources]]
-name = "to_pg"
-token = "{PG_TOKEN}"
-destination = "pg"
-
-[[sources]]
-name = "to_lite"
-token = "{LITE_TOKEN}"
-destination = "lite"
-"""
+    return config_toml(
+        destination_table("pg", postgres_url),
+        destination_table("lite", f"sqlite:///{lite_db}"),
+        source_table("to_pg", token=PG_TOKEN, destination="pg"),
+        source_table("to_lite", token=LITE_TOKEN, destination="lite"),
+    )
 
 
 @pytest.mark.postgres
@@ -514,7 +474,7 @@ class TestIsolation:
         code, _ = server.stop(signal.SIGTERM)
         assert code == 0, server.log_tail()
         assert_exactly_once(pg.ledger, postgres_db_url, server)
-        assert sqlite_problems(lite, lite_db) == []
+        assert exactly_once_problems(lite, lite_db, responses_may_be_lost=False) == []
         print(f"\nisolation: {timing}")
 
 
@@ -565,7 +525,7 @@ class TestPoisonEntry:
             assert "22P05" in letter["last_error"], letter
             # ... while its 100 neighbours are stored, each once, and the poison is not
             wait_until(lambda: set(ids.values()) <= pg_ids(postgres_db_url), 20, "the neighbours delivered")
-            rows = pg_rows(postgres_db_url)
+            rows = pg_markers(postgres_db_url)
             assert sorted(n if n is not None else -1 for _, n in rows) == list(range(100))
             assert {pid for pid, _ in rows} == set(ids.values())
             # ... and nothing is left PENDING in the WAL

@@ -54,6 +54,13 @@ class Harness:
             self.queue.enqueue(entry)
         return entries
 
+    def stall_writes(self, count: int, *, in_flight: int = 1) -> list[Entry]:
+        """Stall the destination, enqueue `count` fresh entries, and wait until `in_flight` writes hold some of them."""
+        self.destination.stall()
+        entries = self.enqueue_new(count)
+        wait_until(lambda: self.destination.in_flight == in_flight)
+        return entries
+
     def stop(self) -> bool:
         """Let every double run free again, then drain."""
         self.destination.release()
@@ -111,9 +118,7 @@ class TestConstruction:
         """Spec: Size of 0 or less falls back to defaultSize (10 000) buffered entries."""
         # Given: one worker stalled on its first entry
         h = start(size=size, workers=1, batch_max=1)
-        h.destination.stall()
-        h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        h.stall_writes(1)
         # When / Then: exactly DEFAULT_SIZE more fit, and the next is shed
         assert h.queue.capacity == DEFAULT_SIZE == 10_000
         h.enqueue_new(DEFAULT_SIZE)
@@ -142,9 +147,7 @@ class TestEnqueue:
         """Spec: a full queue returns ErrLoadShed immediately and does not buffer the entry."""
         # Given: the only worker is stalled and the buffer is full
         h = start(size=3, workers=1, batch_max=1)
-        h.destination.stall()
-        h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        h.stall_writes(1)
         h.enqueue_new(3)
         assert h.queue.free_slots == 0
         # When: one more arrives
@@ -159,9 +162,7 @@ class TestEnqueue:
         """Spec: Enqueue is non-blocking; on the hub that means it never switches greenlets."""
         # Given: a stalled worker and a greenlet that is ready to run
         h = start(size=5, workers=1, batch_max=1)
-        h.destination.stall()
-        h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        h.stall_writes(1)
         ran: list[bool] = []
         gevent.spawn(ran.append, True)
         # When: we fill the queue and overflow it
@@ -185,10 +186,8 @@ class TestEnqueue:
         """An entry already buffered or in flight is not buffered a second time."""
         # Given: one entry in flight and one buffered
         h = start(workers=1, batch_max=1)
-        h.destination.stall()
-        in_flight, buffered = make_entry(), make_entry()
-        h.queue.enqueue(in_flight)
-        wait_until(lambda: h.destination.in_flight == 1)
+        (in_flight,) = h.stall_writes(1)
+        buffered = make_entry()
         h.queue.enqueue(buffered)
         # When: both are enqueued again
         h.queue.enqueue(in_flight)
@@ -207,9 +206,7 @@ class TestDrain:
         """Spec: Drain may be called any number of times, concurrently; it never fails."""
         # Given: two workers stalled mid-write, three entries buffered
         h = start(workers=2, batch_max=1)
-        h.destination.stall()
-        entries = h.enqueue_new(5)
-        wait_until(lambda: h.destination.in_flight == 2)
+        entries = h.stall_writes(5, in_flight=2)
         # When: fifteen greenlets drain at once, with and without a deadline
         drains = [gevent.spawn(h.queue.drain) for _ in range(10)]
         drains += [gevent.spawn(h.queue.drain, 5.0) for _ in range(5)]
@@ -256,9 +253,7 @@ class TestDrain:
         """Spec: DrainWithContext returns false when the deadline passes; workers then stop after their item."""
         # Given: the only worker is stalled on the first of four entries
         h = start(workers=1, batch_max=1)
-        h.destination.stall()
-        entries = h.enqueue_new(4)
-        wait_until(lambda: h.destination.in_flight == 1)
+        entries = h.stall_writes(4)
         # When: a drain's deadline passes first
         began = time.monotonic()
         assert h.queue.drain(timeout=0.05) is False
@@ -269,7 +264,7 @@ class TestDrain:
         assert h.destination.delivered == [entries[0].payload_id]
         assert h.updater.delivered_ids == [entries[0].payload_id]
         # The three entries never taken stay PENDING: neither written nor marked.
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
     def test_drain_cuts_backoff_short_and_leaves_entry_pending(self, start: Callable[..., Harness]) -> None:
         """A drain during a backoff wait ends it at once and leaves the entry unmarked (PENDING)."""
@@ -285,7 +280,7 @@ class TestDrain:
         assert len(h.destination.calls) == 1
         assert h.destination.delivered == []
         assert h.updater.delivered_ids == []
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert "retry_abandoned_by_drain" in h.logger.events("info")
 
 
@@ -312,7 +307,7 @@ class TestRetry:
         warned = [r for r in h.logger.at("warning") if r.event == "delivery_failed"]
         assert len(warned) == 3
         assert all(r.fields["payload_ids"] == [entry.payload_id] for r in warned)
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
     def test_entry_is_dead_lettered_after_max_attempts_and_not_written_again(
         self, start: Callable[..., Harness]
@@ -324,10 +319,10 @@ class TestRetry:
         h.destination.poison(entry.payload_id)
         # When
         h.queue.enqueue(entry)
-        wait_until(lambda: len(h.updater.dead_letters) == 1)
+        wait_until(lambda: len(h.updater.failure_marks) == 1)
         assert h.queue.drain() is True
         # Then: marked once, with its attempts, and never written again
-        (dead,) = h.updater.dead_letters
+        (dead,) = h.updater.failure_marks
         assert dead.entry == entry
         assert dead.attempts == 3
         assert entry.payload_id in dead.error
@@ -347,7 +342,7 @@ class TestRetry:
             h.queue.enqueue(entry)
         assert h.queue.drain() is True
         # Then
-        (dead,) = h.updater.dead_letters
+        (dead,) = h.updater.failure_marks
         assert dead.entry == bad
         assert dead.attempts == 1
         assert h.destination.calls_for(bad.payload_id) == []
@@ -362,9 +357,9 @@ class TestRetry:
         # When
         h.queue.enqueue(first)
         h.queue.enqueue(second)
-        wait_until(lambda: len(h.updater.dead_letters) == 2)
+        wait_until(lambda: len(h.updater.failure_marks) == 2)
         # Then
-        errors = {d.entry.payload_id: d.error for d in h.updater.dead_letters}
+        errors = {d.entry.payload_id: d.error for d in h.updater.failure_marks}
         assert first.payload_id in errors[first.payload_id]
         assert second.payload_id in errors[second.payload_id]
 
@@ -390,9 +385,7 @@ class TestBatching:
         """Entries that wait together are written in one call, batch_max at a time."""
         # Given: seven entries pile up behind a stalled write
         h = start(workers=1, batch_max=3)
-        h.destination.stall()
-        entries = h.enqueue_new(1)
-        wait_until(lambda: h.destination.in_flight == 1)
+        entries = h.stall_writes(1)
         entries += h.enqueue_new(7)
         # When
         h.destination.release()
@@ -415,7 +408,7 @@ class TestBatching:
         wait_until(lambda: set(h.destination.delivered) == healthy, timeout=1.0)
         assert h.destination.calls[0].payload_ids == tuple(ids(entries))
         assert h.destination.calls[0].outcome == "rejected"
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert h.queue.drain(timeout=2.0) is True
         assert set(h.updater.delivered_ids) == healthy
 
@@ -431,10 +424,10 @@ class TestBatching:
         # When
         for entry in entries:
             h.queue.enqueue(entry)
-        wait_until(lambda: len(h.updater.dead_letters) == 1)
+        wait_until(lambda: len(h.updater.failure_marks) == 1)
         assert h.queue.drain() is True
         # Then: the batch write was its first attempt, two writes alone the others
-        (dead,) = h.updater.dead_letters
+        (dead,) = h.updater.failure_marks
         assert (dead.entry, dead.attempts) == (poison, 3)
         calls = h.destination.calls_for(poison.payload_id)
         assert [len(c.payload_ids) for c in calls] == [5, 1, 1]
@@ -495,8 +488,8 @@ class TestRetrySchedule:
         h.destination.poison(*ids(poisons))
         for entry in poisons:
             h.queue.enqueue(entry)
-        wait_until(lambda: len(h.updater.dead_letters) == 3)
-        assert sorted((d.entry.payload_id, d.attempts) for d in h.updater.dead_letters) == sorted(
+        wait_until(lambda: len(h.updater.failure_marks) == 3)
+        assert sorted((d.entry.payload_id, d.attempts) for d in h.updater.failure_marks) == sorted(
             (pid, 4) for pid in ids(poisons)
         )
         for entry in poisons:
@@ -653,7 +646,7 @@ class TestDestinationUnavailable:
         # Then
         assert sum(c.outcome == "unavailable" for c in h.destination.calls) == 6
         assert sorted(h.destination.delivered) == sorted(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert "destination_unavailable" in h.logger.events("warning")
 
     def test_outage_pauses_delivery_and_probes_until_back(self, start: Callable[..., Harness]) -> None:
@@ -666,13 +659,13 @@ class TestDestinationUnavailable:
         # When: probes keep failing for a while
         wait_until(lambda: h.destination.probes >= 3)
         assert h.destination.delivered == []
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         # When: it comes back
         h.destination.come_back()
         wait_until(lambda: len(h.destination.delivered) == 3)
         # Then
         assert sorted(h.destination.delivered) == sorted(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
         assert h.queue.destination_available
         assert "destination_available" in h.logger.events("info")
 
@@ -691,7 +684,7 @@ class TestDestinationUnavailable:
         h.destination.come_back()
         wait_until(lambda: len(h.destination.delivered) == 5)
         assert sorted(h.destination.delivered) == sorted(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
     def test_drain_during_outage_returns_promptly_leaving_entries_pending(self, start: Callable[..., Harness]) -> None:
         """A drain during an outage finishes promptly; the entries stay PENDING (unmarked)."""
@@ -702,7 +695,7 @@ class TestDestinationUnavailable:
         assert h.queue.drain(timeout=2.0) is True
         assert h.destination.delivered == []
         assert h.updater.delivered_ids == []
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []
 
 
 class TestHolds:
@@ -712,10 +705,8 @@ class TestHolds:
         """holds() is True while an entry is buffered or being written, and False once delivered."""
         # Given: one entry in flight, one buffered
         h = start(workers=1, batch_max=1)
-        h.destination.stall()
-        in_flight, buffered = make_entry(), make_entry()
-        h.queue.enqueue(in_flight)
-        wait_until(lambda: h.destination.in_flight == 1)
+        (in_flight,) = h.stall_writes(1)
+        buffered = make_entry()
         h.queue.enqueue(buffered)
         # Then
         assert h.queue.holds(in_flight.payload_id)
@@ -758,4 +749,4 @@ class TestDeliveryProperty:
             assert h.stop()
         assert Counter(h.destination.delivered) == Counter(ids(entries))
         assert Counter(h.updater.delivered_ids) == Counter(ids(entries))
-        assert h.updater.dead_letters == []
+        assert h.updater.failure_marks == []

@@ -30,6 +30,7 @@ from nexus_gevent.datadir import SECRETS_DIRNAME
 from nexus_gevent.http.app import create_app
 from nexus_gevent.logs import get_logger
 from nexus_gevent.testing import RecordingLogger, make_entry, wait_until
+from tests.support.config_toml import config_toml, destination_table, source_table
 
 SOURCE_TOKEN = "security-source-token-7c1e"
 OTHER_TOKEN = "security-other-token-2b9f"
@@ -46,21 +47,11 @@ TOKEN_CLASSES: dict[str, str | None] = {
 }
 
 #: `default` writes to destination `default`; `other` writes to `elsewhere`.
-CONFIG = f"""
-[[destinations]]
-name = "elsewhere"
-url = "sqlite:///{{data_dir}}/elsewhere.db"
-
-[[sources]]
-name = "default"
-token = "{SOURCE_TOKEN}"
-destination = "default"
-
-[[sources]]
-name = "other"
-token = "{OTHER_TOKEN}"
-destination = "elsewhere"
-"""
+CONFIG = config_toml(
+    destination_table("elsewhere", "sqlite:///{data_dir}/elsewhere.db"),
+    source_table("default", token=SOURCE_TOKEN, destination="default"),
+    source_table("other", token=OTHER_TOKEN, destination="elsewhere"),
+)
 
 #: The dead letter the retry endpoint is called with (recorded before the matrix runs).
 DEAD_LETTER_ID = "d" * 32
@@ -227,9 +218,8 @@ class RecordingCompare:
 
 
 def many_sources_settings(tmp_path: Path, count: int) -> Settings:
-    lines = [f'[[sources]]\nname = "s{i}"\ntoken = "token-of-source-{i}"\n' for i in range(count)]
     config = tmp_path / "many.toml"
-    config.write_text("\n".join(lines))
+    config.write_text(config_toml(*(source_table(f"s{i}", token=f"token-of-source-{i}") for i in range(count))))
     env = {"NEXUS_DATA_DIR": str(tmp_path / "data"), "NEXUS_CONFIG": str(config), "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN}
     return load_settings(env)
 

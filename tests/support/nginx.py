@@ -28,14 +28,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
+from tests.support.services import HOST, free_port, kill_session, read_log, skip_or_fail, start_in_session
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONF = ROOT / "deploy" / "nginx.conf"
-HOST = "127.0.0.1"
-REQUIRE_ENV = "NEXUS_TEST_REQUIRE_SERVICES"
 #: Where Debian puts the binary; PATH is searched first.
 DEBIAN_NGINX = Path("/usr/sbin/nginx")
 #: How long nginx may take to start or to stop gracefully: far above its usual few ms.
@@ -55,13 +54,6 @@ _USER = re.compile(r"^user[ \t]", re.MULTILINE)
 
 class NginxConfigShape(AssertionError):
     """deploy/nginx.conf no longer has the lines the test rendering substitutes."""
-
-
-def skip_or_fail(reason: str) -> NoReturn:
-    """Skip the test, or fail it when the environment requires every service."""
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
-    pytest.skip(reason)
 
 
 def find_nginx() -> Path | None:
@@ -100,14 +92,6 @@ def render_config(text: str, *, port: int, backends: Sequence[int], prefix: Path
     return text
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=1.0):
@@ -127,10 +111,7 @@ class Nginx:
     log_path: Path
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def wait_answering(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until nginx accepts connections on its port; AssertionError with its log if it died."""
@@ -154,10 +135,7 @@ class Nginx:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(STOP_TIMEOUT)
         # Workers share the master's process group; none may outlive the test.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(STOP_TIMEOUT)
+        kill_session(self.proc, STOP_TIMEOUT)
 
 
 def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: int | None = None) -> Nginx:
@@ -171,16 +149,12 @@ def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: in
         render_config(SHIPPED_CONF.read_text(), port=port, backends=backends, prefix=prefix, as_root=os.geteuid() == 0)
     )
     log_path = prefix / "nginx.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            # -e stderr: the error log nginx opens before it has read the config.
-            [str(binary), "-c", str(conf_path), "-p", f"{prefix}/", "-e", "stderr", "-g", "daemon off;"],
-            cwd=prefix,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_in_session(
+        # -e stderr: the error log nginx opens before it has read the config.
+        [str(binary), "-c", str(conf_path), "-p", f"{prefix}/", "-e", "stderr", "-g", "daemon off;"],
+        cwd=prefix,
+        log_path=log_path,
+    )
     server = Nginx(proc=proc, port=port, prefix=prefix, conf_path=conf_path, log_path=log_path)
     try:
         server.wait_answering()

@@ -20,20 +20,19 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.support.services import free_port, skip_or_fail
+
 URL_ENV = "NEXUS_TEST_POSTGRES_URL"
-REQUIRE_ENV = "NEXUS_TEST_REQUIRE_SERVICES"
 #: initdb's superuser, and the OS user server commands run as when we are root.
 SUPERUSER = "postgres"
 OS_USER = "postgres"
@@ -47,13 +46,6 @@ _DBNAME = re.compile(r"[a-z_][a-z0-9_]*")
 
 class PostgresUnavailable(Exception):
     """No PostgreSQL can be had for tests; the message says why."""
-
-
-def skip_or_fail(reason: str) -> NoReturn:
-    """Skip the test, or fail it when the environment requires every service."""
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)", pytrace=False)
-    pytest.skip(reason)
 
 
 def find_bin_dir() -> Path | None:
@@ -71,14 +63,6 @@ def find_bin_dir() -> Path | None:
         if (initdb.parent / "pg_ctl").exists():
             return initdb.parent
     return None
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def with_dbname(url: str, dbname: str) -> str:

@@ -14,43 +14,40 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.support import services
+from tests.support.services import free_port, kill_session, read_log, start_in_session
+
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Where the gunicorns under test listen; the process tests address them by it.
+HOST = services.HOST
 GUNICORN = ROOT / ".venv" / "bin" / "gunicorn"
-HOST = "127.0.0.1"
 TOKEN = "process-test-source-token"
 ADMIN_TOKEN = "process-test-admin-token"
 SOURCE = "default"
 #: Small, so that a drain that hangs shows up within a test's budget; gunicorn.conf.py
 #: derives graceful_timeout and the heartbeat timeout from it (+10 s each).
 DRAIN_TIMEOUT = 10
+#: A queue this small fills after a handful of writes while delivery is paused.
+SMALL_QUEUE = {"NEXUS_QUEUE_SIZE": "5", "NEXUS_QUEUE_WORKERS": "1"}
 #: How often conditions are polled while waiting for them.
 POLL_INTERVAL = 0.05
 
 
 class ProcessTestError(AssertionError):
     """A process did not reach the expected state in time; the message says what and shows the log."""
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on right now (bind to port 0 and ask the kernel)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(
@@ -141,10 +138,7 @@ class Gunicorn:
     # -- the log ---------------------------------------------------------------
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_records(self) -> list[dict[str, Any]]:
         """Every JSON line of the log, in order; anything else (a stray traceback) is skipped."""
@@ -183,10 +177,9 @@ class Gunicorn:
 
     def _ready_once(self) -> bool:
         try:
-            status, _ = request(self.port, "GET", "/ready", timeout=2.0)
+            return exchange(self.port, "GET", "/ready", timeout=2.0).status == 200
         except (OSError, http.client.HTTPException):
             return False
-        return status == 200
 
     def wait_ready(self, timeout: float = 30.0, *, booted: int | None = None) -> None:
         """Wait until `booted` workers (all of them by default) finished replay and /ready answers 200.
@@ -244,10 +237,7 @@ class Gunicorn:
 
     def cleanup(self) -> None:
         """Kill whatever is left of this gunicorn (master and workers share a process group)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
+        kill_session(self.proc, 10)
 
 
 def start_gunicorn(
@@ -266,17 +256,12 @@ def start_gunicorn(
     """
     port = free_port() if port is None else port
     data_dir.mkdir(parents=True, exist_ok=True)
-    # O_APPEND: the master and every worker write whole lines to the one file.
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=service_env(data_dir, port, workers, env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_in_session(
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        log_path=log_path,
+        env=service_env(data_dir, port, workers, env),
+    )
     server = Gunicorn(proc=proc, port=port, data_dir=data_dir, log_path=log_path, workers=workers)
     if registry is not None:
         registry.append(server)
@@ -307,25 +292,6 @@ class Launcher:
 
 
 # -- HTTP ------------------------------------------------------------------------
-
-
-def request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    *,
-    timeout: float = 10.0,
-) -> tuple[int, bytes]:
-    """One request on a fresh connection; (status, body)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def post_headers() -> dict[str, str]:
@@ -369,6 +335,37 @@ def exchange(
     finally:
         if own:
             connection.close()
+
+
+class KeepAlive:
+    """One client's keep-alive connection: opened when first needed, and opened afresh after a wire error.
+
+    A request that fails on the wire raises (OSError or http.client.HTTPException) and
+    is never resent. A response that ends the connection needs nothing here:
+    http.client closes it and opens a new one for the next request.
+    """
+
+    def __init__(self, port: int, *, timeout: float = 15.0) -> None:
+        self._port = port
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
+        """POST `body` to `path` on the kept connection; the whole response."""
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(HOST, self._port, timeout=self._timeout)
+        try:
+            response = exchange(self._port, "POST", path, body, headers, conn=self._conn)
+        except (OSError, http.client.HTTPException):
+            # The connection may be left mid-exchange, where http.client refuses the next request.
+            self.close()
+            raise
+        return response
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 @dataclass
@@ -484,36 +481,21 @@ class Writers:
         return None if self._end is not None and n >= self._end else n
 
     def _run(self) -> None:
-        conn: http.client.HTTPConnection | None = None
         headers = post_headers()
-        try:
+        with contextlib.closing(KeepAlive(self.port)) as client:
             while not self._stop.is_set():
                 n = self._next()
                 if n is None:
                     return
-                body = json.dumps({"n": n}).encode()
                 self.ledger.record_sent(n)
                 try:
-                    if conn is None:
-                        conn = http.client.HTTPConnection(HOST, self.port, timeout=15)
-                    conn.request("POST", f"/inbound/{SOURCE}", body=body, headers=headers)
-                    response = conn.getresponse()
-                    data = response.read()
+                    response = client.post(f"/inbound/{SOURCE}", json.dumps({"n": n}).encode(), headers)
                 except (OSError, http.client.HTTPException) as exc:
                     self.ledger.record_lost(n, exc)
-                    if conn is not None:
-                        conn.close()
-                        conn = None
                     # Not a synchronisation: a pause so a dead port is not hammered.
                     self._stop.wait(0.01)
                     continue
-                self.ledger.record_response(n, response.status, data)
-                if response.will_close:
-                    conn.close()
-                    conn = None
-        finally:
-            if conn is not None:
-                conn.close()
+                self.ledger.record_response(n, response.status, response.body)
 
 
 # -- the destination -------------------------------------------------------------
@@ -549,6 +531,19 @@ def stored_markers(db_path: Path) -> list[tuple[str, int | None]]:
     return rows
 
 
+def pg_markers(url: str) -> list[tuple[str, int | None]]:
+    """`stored_markers` of the PostgreSQL database at `url`."""
+    import psycopg  # here, not at the top: a gevent test must patch before psycopg is imported
+
+    sql = b"""
+        SELECT payload_id,
+               CASE WHEN jsonb_typeof(payload -> 'n') = 'number' THEN (payload ->> 'n')::bigint END
+        FROM nexus_entries
+    """
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        return [(str(pid), None if n is None else int(n)) for pid, n in conn.execute(sql).fetchall()]
+
+
 def wait_delivered(db_path: Path, payload_ids: Iterable[str], timeout: float = 60.0) -> None:
     """Poll the destination until every one of `payload_ids` has a row."""
     wanted = set(payload_ids)
@@ -573,23 +568,26 @@ def exactly_once_problems(ledger: Ledger, db_path: Path, *, responses_may_be_los
     - a row whose payload_id the client never saw is allowed only for a request whose
       response was lost (`responses_may_be_lost`: the process was killed mid-request).
     """
-    return row_problems(
-        ledger, count_rows(db_path), stored_markers(db_path), responses_may_be_lost=responses_may_be_lost
+    return row_problems(ledger, stored_markers(db_path), responses_may_be_lost=responses_may_be_lost)
+
+
+def assert_exactly_once(ledger: Ledger, server: Gunicorn, *, responses_may_be_lost: bool = False) -> None:
+    """No `exactly_once_problems` in `server`'s SQLite destination; else the first ones, the outcomes, the log."""
+    problems = exactly_once_problems(ledger, server.db_path, responses_may_be_lost=responses_may_be_lost)
+    assert problems == [], (
+        f"{len(problems)} problem(s), first ones: {problems[:20]}\noutcomes: {dict(ledger.outcomes)}\n"
+        f"log tail:\n{server.log_tail()}"
     )
 
 
 def row_problems(
-    ledger: Ledger,
-    counts: dict[str, int],
-    markers: Iterable[tuple[str, int | None]],
-    *,
-    responses_may_be_lost: bool,
+    ledger: Ledger, markers: Sequence[tuple[str, int | None]], *, responses_may_be_lost: bool
 ) -> list[str]:
     """`exactly_once_problems` for rows read from any destination.
 
-    `counts` is payload_id -> number of rows; `markers` holds (payload_id, the body's "n")
-    of every row.
+    `markers` holds (payload_id, the body's "n") of every row.
     """
+    counts = Counter(payload_id for payload_id, _ in markers)
     problems: list[str] = []
     for payload_id, n in sorted(ledger.acked.items(), key=lambda kv: kv[1]):
         rows = counts.get(payload_id, 0)
