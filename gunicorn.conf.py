@@ -11,6 +11,10 @@ from pathlib import Path
 
 from nexus_gevent import datadir
 
+# Everything the service writes (WAL, SQLite files, generated secrets, metrics files)
+# is its user's alone, whatever umask it was started under; workers inherit it.
+os.umask(0o077)
+
 # prometheus_client's multiprocess mode: every worker writes its values under this
 # folder and /metrics sums them. It must be set before any worker starts, and it is
 # emptied at each start (on_starting), so old workers' counters do not linger.
@@ -41,13 +45,15 @@ max_requests_jitter = int(os.environ.get("NEXUS_MAX_REQUESTS_JITTER", "0"))
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Empty the metrics folder; generate missing secrets once in the master, and say where they are."""
+    """Generate missing secrets once in the master, and say where they are; empty the metrics folder."""
     from nexus_gevent.config import load_settings
+    from nexus_gevent.secrets import ensure_private_dir
 
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
-    os.makedirs(_metrics_dir, mode=0o700, exist_ok=True)
-
+    # Settings first: they create the data directory 0700. The metrics folder lives in
+    # it, and os.makedirs would have made the missing data directory with the umask's mode.
     settings = load_settings()
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    ensure_private_dir(Path(_metrics_dir))
     for path in settings.generated_secrets:
         server.log.info("generated secret kept in %s (mode 0600)", path)
 

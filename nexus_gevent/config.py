@@ -68,6 +68,9 @@ DEFAULT_DRAIN_TIMEOUT = 20.0
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 #: A day: longer than any client's retry loop is expected to last.
 DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
+#: Seconds a request body may take to arrive: a client that stops sending must not hold
+#: its connection (and a share of the worker) for ever; 30 s is generous for 1 MiB.
+DEFAULT_BODY_TIMEOUT = 30.0
 
 DEFAULT_NAME = "default"
 ADMIN_TOKEN_FILENAME = "admin-token"  # noqa: S105 -- a file name, not a secret
@@ -96,6 +99,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "log_level",
         "metrics_public",
         "idempotency_window",
+        "body_timeout",
         "wal_segment_bytes",
     }
 )
@@ -150,6 +154,8 @@ class Settings:
     log_level: str = "INFO"
     metrics_public: bool = False
     idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
+    #: 0 turns the body timeout off.
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     wal_segment_bytes: int = DEFAULT_SEGMENT_BYTES
     #: Token files this load generated or read, so the service can log where
     #: a token is kept (never the token itself).
@@ -198,6 +204,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     drain_timeout = layers.seconds("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
     max_body_bytes = layers.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
     idempotency_window = layers.seconds("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
+    body_timeout = layers.seconds("body_timeout", DEFAULT_BODY_TIMEOUT)
     wal_segment_bytes = layers.integer("wal_segment_bytes", DEFAULT_SEGMENT_BYTES, minimum=1)
     shed_policy: ShedPolicy = layers.read("shed_policy", "durable", _shed_policy)
     log_level = layers.read("log_level", "INFO", _log_level)
@@ -235,6 +242,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         metrics_public=metrics_public,
         idempotency_window=idempotency_window,
+        body_timeout=body_timeout,
         wal_segment_bytes=wal_segment_bytes,
         generated_secrets=tuple(touched),
     )

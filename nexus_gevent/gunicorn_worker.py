@@ -6,16 +6,16 @@ level (psycopg decides at first import whether to cooperate with gevent).
 
 from __future__ import annotations
 
-import _socket
 import gc
 import signal
-import socket
 import sys
 import time
 from typing import Any
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
+
+from ._sockets import shut_down
 
 _LIFECYCLE = "nexus_gevent.lifecycle"
 #: Kept between the drain's deadline and gunicorn's SIGKILL, for closing files.
@@ -51,24 +51,6 @@ class _IdleWait:
         self._idle.discard(self._greenlet)
         swallowed: bool | None = self._timeout.__exit__(*exc)
         return swallowed
-
-
-def _shut_down(sock: Any) -> None:
-    """shutdown(2) the connection: its reader sees EOF and gunicorn closes it quietly.
-
-    Done on a plain socket object over the same fd, because gevent's own shutdown()
-    also fails the blocked reader with EBADF, which gunicorn logs as a socket error.
-    """
-    fd = sock.fileno()
-    if fd < 0:
-        return  # already closed
-    raw = _socket.socket(fileno=fd)
-    try:
-        raw.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # the peer is already gone
-    finally:
-        raw.detach()
 
 
 class NexusWorker(GeventWorker):  # type: ignore[misc]
@@ -152,7 +134,7 @@ class NexusWorker(GeventWorker):  # type: ignore[misc]
                 sock = self._connections.get(greenlet)
                 if sock is not None:
                     self._closed.add(greenlet)
-                    _shut_down(sock)
+                    shut_down(sock)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
         """Run a request, unless its connection was shut down for the stop.

@@ -364,6 +364,33 @@ def stored_payload(port: int, payload_id: str) -> Any:
     return None
 
 
+class TestBodyTimeout:
+    """NEXUS_BODY_TIMEOUT: a body that stops arriving is answered 408 and frees its connection."""
+
+    def test_a_body_that_stops_arriving_is_408_and_its_connection_is_closed(
+        self, launcher: Launcher, tmp_path: Path
+    ) -> None:
+        """Content-Length 100 and 6 bytes sent: 408 request_timeout after the timeout, then the server closes."""
+        # Given a service with a one-second body timeout
+        server = launcher(workers=1, env={"NEXUS_BODY_TIMEOUT": "1"}, data_dir=tmp_path / "body-timeout")
+        server.wait_ready()
+        head = request_bytes(
+            "POST", "/inbound/default", b'{"n": ', headers=auth(), content_length=100, close=False
+        )
+        # When a client sends the start of its body and then nothing
+        with socket.create_connection((HOST, server.port), timeout=PROMPT) as sock:
+            sock.sendall(head)
+            raw, timed_out = read_until_closed(sock, 15.0)
+        # Then it is answered 408 in the API's shape, and the connection is closed (not kept waiting)
+        assert not timed_out, raw[:300]
+        status, headers, body = parse_response(raw)
+        assert status == 408, raw[:300]
+        assert_contract_error(status, headers, body, "request_timeout")
+        # ... and nothing was stored
+        status_body = exchange(server.port, "GET", "/admin/status", headers=admin_headers()).json()
+        assert status_body["wal"]["pending"] == 0
+
+
 class TestOversizedBodies:
     """Bodies over NEXUS_MAX_BODY_BYTES are refused with 413, without being read."""
 

@@ -31,6 +31,7 @@ from nexus_gevent.http.app import create_app
 from nexus_gevent.logs import get_logger
 from nexus_gevent.testing import RecordingLogger, make_entry, wait_until
 from tests.support.config_toml import config_toml, destination_table, source_table
+from tests.support.proc import Launcher, count_rows, exchange, post_headers, ready, wait_for
 
 SOURCE_TOKEN = "security-source-token-7c1e"
 OTHER_TOKEN = "security-other-token-2b9f"
@@ -301,6 +302,22 @@ class TestFileModes:
         for path in secrets_dir.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         assert sorted(settings.generated_secrets) == sorted(secrets_dir.iterdir())
+
+    @pytest.mark.process
+    def test_gunicorn_on_a_missing_data_dir_creates_everything_private(self, launch: Launcher, tmp_path: Path) -> None:
+        """Under real gunicorn and umask 022, a data dir that did not exist is 0700 and nothing in it is open."""
+        # Given a data directory that does not exist yet
+        data_dir = tmp_path / "fresh" / "data"
+        assert not data_dir.exists()
+        # When gunicorn starts on it and an entry is written and delivered
+        server = ready(launch(data_dir=data_dir))
+        response = exchange(server.port, "POST", "/inbound/default", b'{"n": 1}', post_headers())
+        assert response.status == 202, response.body
+        wait_for(lambda: sum(count_rows(server.db_path).values()) == 1, 10, "the write delivered")
+        # Then the data directory and everything in it (metrics files included) are private
+        assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+        assert (data_dir / "metrics").is_dir()
+        assert loose_modes(data_dir) == []
 
     def test_the_data_dir_wal_and_sqlite_files_are_private_after_a_start(self, tmp_path: Path) -> None:
         """After a start and a delivered write: data dir, WAL and every SQLite file have no group or other bits."""

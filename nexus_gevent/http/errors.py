@@ -29,11 +29,14 @@ class ApiError(falcon.HTTPError):
         details: dict[str, Any] | None = None,
         retry_after: int | None = None,
         extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        headers = dict(headers or {})
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
         if status == falcon.HTTP_401:
             # RFC 9110 section 11.6.1: a 401 names the scheme it wants.
-            headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="nexus"'}
+            headers["WWW-Authenticate"] = 'Bearer realm="nexus"'
         super().__init__(status, title=code, description=message, headers=headers)
         self.error_code = code
         self.message = message

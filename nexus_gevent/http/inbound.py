@@ -7,13 +7,16 @@
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import falcon
+import gevent
 import orjson
 
 from .. import metrics
+from .._sockets import shut_down
 from ..auth import Principal
 from ..config import Settings
 from ..ingest import Ingest, WriteResult
@@ -27,6 +30,36 @@ MAX_SUBJECT_LENGTH = 255
 
 def _visible_ascii(value: str) -> bool:
     return all(0x21 <= ord(ch) <= 0x7E for ch in value)
+
+
+def read_body_within(req: falcon.Request, limit: int, timeout: float) -> bytes:
+    """read_body, answered 408 (RFC 9110 section 15.5.9) when the body takes longer than `timeout` seconds.
+
+    The connection is then closed: what is left of the body is still on its way, and
+    reading the next request would mean waiting for it. A timeout of 0 waits for ever.
+    """
+    # gevent.Timeout is a BaseException, so _read_some's catch-all cannot take it for
+    # a framing error.
+    timer = gevent.Timeout(timeout or None)
+    try:
+        with timer:
+            return read_body(req, limit)
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        # gunicorn ignores an app's "Connection: close" and would read on, waiting for
+        # the rest of this body before the next request; ending the reading side
+        # makes it close the connection once the 408 is written.
+        sock = req.env.get("gunicorn.socket")
+        if sock is not None:
+            shut_down(sock, socket.SHUT_RD)
+        raise ApiError(
+            falcon.HTTP_408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout:g} s; nothing was stored",
+            details={"body_timeout_seconds": timeout},
+            headers={"Connection": "close"},
+        ) from None
 
 
 def read_body(req: falcon.Request, limit: int) -> bytes:
@@ -182,7 +215,7 @@ class InboundResource:
         check_content_type(req)
         key = idempotency_key(req)
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
-        body = read_body(req, self._settings.max_body_bytes)
+        body = read_body_within(req, self._settings.max_body_bytes, self._settings.body_timeout)
         parse_object(body)
         if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)

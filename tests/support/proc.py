@@ -255,7 +255,8 @@ def start_gunicorn(
     fixture's finalizer kills the process group whatever the test does.
     """
     port = free_port() if port is None else port
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # The service makes the data directory itself (0700); only its parent must exist.
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
     proc = start_in_session(
         [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=ROOT,
