@@ -38,6 +38,9 @@ REPLAY_PROGRESS_INTERVAL = 2.0
 ADOPT_INTERVAL = 10.0
 #: How often live gauges (queue depth, backlog, WAL pending) are published.
 GAUGE_INTERVAL = 1.0
+#: How often idempotency keys older than their window are forgotten (and once at start),
+#: so the index holds about one window of keys, not every key ever sent.
+PRUNE_INTERVAL = 60.0
 
 
 class WorkerState(enum.Enum):
@@ -98,6 +101,7 @@ class Service:
         self.state = WorkerState.REPLAYING
         self._replayer = gevent.spawn(self._replay)
         self._helpers.append(gevent.spawn(self._update_gauges))
+        self._helpers.append(gevent.spawn(self._prune_loop))
         self._log.info("worker_started", wal_path=str(self.lock.path), destinations=sorted(self.backlogs))
 
     @property
@@ -201,6 +205,18 @@ class Service:
             metrics.WAL_BYTES.set(self.wal.size_bytes)
             metrics.WAL_APPEND_LATENCY_BATCH.publish()
             gevent.sleep(GAUGE_INTERVAL)
+
+    def _prune_loop(self) -> None:
+        """Forget expired idempotency keys now and every PRUNE_INTERVAL; the work runs in the index's thread."""
+        while self.state is not WorkerState.STOPPED:
+            try:
+                pruned = self.index.prune()
+            except Exception as exc:
+                self._log.warning("idempotency_prune_failed", error=str(exc))
+            else:
+                if pruned:
+                    self._log.info("idempotency_keys_pruned", keys=pruned)
+            gevent.sleep(PRUNE_INTERVAL)
 
     def retry_dead_letter(self, payload_id: str) -> bool:
         """Put a dead letter back to PENDING and deliver it; False if there is no such one."""

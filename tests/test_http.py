@@ -17,6 +17,7 @@ import io
 import os
 import re
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import gevent  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import pytest
 
-from nexus_gevent import lifecycle
+from nexus_gevent import datadir, lifecycle
+from nexus_gevent import service as service_module
 from nexus_gevent.backlog import Backlog
 from nexus_gevent.config import load_settings
 from nexus_gevent.destinations import sqlite_path
@@ -162,6 +164,15 @@ class Node:
     def wal_pending(self) -> int:
         assert self.service.wal is not None
         return self.service.wal.pending_count
+
+
+def idempotency_keys(data_dir: Path) -> int:
+    """How many keys the shared idempotency index holds, read with a connection of our own."""
+    conn = sqlite3.connect(datadir.idempotency_file(data_dir))
+    try:
+        return int(conn.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0])
+    finally:
+        conn.close()
 
 
 class Harness:
@@ -556,6 +567,34 @@ class TestIdempotency:
         assert again.json == {"payload_id": original, "status": "duplicate"}
         second.wait_settled()
         assert second.delivered_ids() == [original]
+
+    def test_expired_keys_are_pruned_at_start(self, harness: Harness) -> None:
+        """Keys older than the window are gone from the index after a restart, and the key can be used again."""
+        # Given keys accepted under a short window by a service that then stops
+        window = 0.5
+        first = harness.start({"NEXUS_IDEMPOTENCY_WINDOW": str(window)})
+        for n in range(20):
+            first.accepted({"n": n}, headers={"Idempotency-Key": f"old-{n}"})
+        written = time.time()
+        assert first.service.shutdown(5)
+        assert idempotency_keys(harness.data_dir) == 20
+        wait_until(lambda: time.time() > written + window, what="the window to pass")
+
+        # When a service starts on the same data directory
+        second = harness.start({"NEXUS_IDEMPOTENCY_WINDOW": str(window)})
+
+        # Then the expired keys are pruned without any request
+        wait_until(lambda: idempotency_keys(harness.data_dir) == 0, what="the expired keys pruned")
+        assert second.post({"n": 0}, headers={"Idempotency-Key": "old-0"}).status_code == 202
+
+    def test_expired_keys_are_pruned_while_running(self, harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A running service forgets keys once they are older than the window, off the request path."""
+        monkeypatch.setattr(service_module, "PRUNE_INTERVAL", 0.05)
+        node = harness.start({"NEXUS_IDEMPOTENCY_WINDOW": "0.3"})
+        for n in range(10):
+            node.accepted({"n": n}, headers={"Idempotency-Key": f"k-{n}"})
+
+        wait_until(lambda: idempotency_keys(harness.data_dir) == 0, what="the keys pruned while running")
 
     def test_a_malformed_subject_is_400(self, node: Node) -> None:
         """An X-Subject longer than 255 or with characters other than visible ASCII answers 400 invalid_subject."""
