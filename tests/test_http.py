@@ -31,6 +31,7 @@ import pytest
 
 from nexus_gevent import datadir, lifecycle
 from nexus_gevent import service as service_module
+from nexus_gevent._json_limits import MAX_NESTING
 from nexus_gevent.backlog import Backlog
 from nexus_gevent.config import load_settings
 from nexus_gevent.destinations import sqlite_path
@@ -364,6 +365,21 @@ class TestBody:
     def test_invalid_utf8_is_400_invalid_json(self, node: Node) -> None:
         """A body that is not UTF-8 answers 400 invalid_json."""
         assert_error(node.post(body=b'{"name": "\xff\xfe"}'), 400, "invalid_json")
+
+    def test_nesting_past_the_limit_is_400_and_nothing_is_stored(self, node: Node) -> None:
+        """The 508-byte body nested 251 deep that once broke /query is refused with 400 invalid_body."""
+        body = b'{"a":' + b"[" * 250 + b"]" * 250 + b"}"
+
+        body_json = assert_error(node.post(body=body), 400, "invalid_body")
+
+        assert body_json["details"] == {"max_nesting": MAX_NESTING}
+        assert node.wal_pending == 0
+
+    def test_nesting_at_the_limit_is_accepted(self, node: Node) -> None:
+        """A body nested exactly MAX_NESTING levels deep is a normal write."""
+        body = b'{"a":' + b"[" * (MAX_NESTING - 1) + b"]" * (MAX_NESTING - 1) + b"}"
+
+        assert node.post(body=body).status_code == 202
 
     def test_a_refused_body_is_not_stored(self, node: Node) -> None:
         """A 400 write leaves nothing pending in the WAL."""

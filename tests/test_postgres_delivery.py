@@ -82,8 +82,15 @@ WRITER_THREADS = 4
 TIMED_WRITES = 100
 #: Every write to the SQLite destination is stored within this while PostgreSQL is down.
 ISOLATED_DELIVERY_BOUND = 2.0
-#: A JSON text that JSON allows but jsonb refuses (SQLSTATE 22P05).
-POISON_BODY = b'{"a": "x\\u0000y"}'
+#: The entries a CHECK constraint on nexus_entries refuses (SQLSTATE 23514), as a
+#: destination-side rule the service cannot know at ingest.
+POISON_BODY = b'{"poison": true}'
+#: JSON texts that JSON allows but JSONB can never hold: ingest refuses them for PostgreSQL.
+UNSTORABLE_BODIES = {
+    "nul-in-a-value": b'{"a": "x\\u0000y"}',
+    "nul-as-a-key": b'{"\\u0000": 1}',
+    "scale-past-16383": b'{"a": 1e-20000}',
+}
 
 # -- reading PostgreSQL ----------------------------------------------------------------
 
@@ -485,7 +492,7 @@ class TestPoisonEntry:
     def test_entry_postgres_refuses_is_dead_lettered_after_max_attempts_and_neighbours_are_stored_once(
         self, tmp_path: Path, postgres_db_url: str
     ) -> None:
-        """A "\\u0000" payload amid 100 others: PERMANENT_FAILURE after 3 attempts, listed; the 100 stored once."""
+        """An entry a CHECK constraint refuses, amid 100 others: dead letter after 3 writes; the 100 stored once."""
         # Given one worker's service (in-process) delivering to PostgreSQL with 3 attempts
         env = {
             "NEXUS_DATA_DIR": str(tmp_path / "data"),
@@ -500,6 +507,9 @@ class TestPoisonEntry:
         service.start()
         try:
             assert service.wait_ready(10)
+            # The table exists once the service probed PostgreSQL at start.
+            with psycopg.connect(postgres_db_url, autocommit=True) as conn:
+                conn.execute("ALTER TABLE nexus_entries ADD CONSTRAINT no_poison CHECK (NOT payload ? 'poison')")
             client = falcon.testing.TestClient(create_app(service, logger))
             bodies = [json.dumps({"n": n}).encode() for n in range(50)]
             bodies += [POISON_BODY] + [json.dumps({"n": n}).encode() for n in range(50, 100)]
@@ -522,7 +532,7 @@ class TestPoisonEntry:
             [letter] = listed.json["dead_letters"]
             assert letter["payload_id"] == poison
             assert letter["attempts"] == 3
-            assert "22P05" in letter["last_error"], letter
+            assert "no_poison" in letter["last_error"], letter
             # ... while its 100 neighbours are stored, each once, and the poison is not
             wait_until(lambda: set(ids.values()) <= pg_ids(postgres_db_url), 20, "the neighbours delivered")
             rows = pg_markers(postgres_db_url)
@@ -533,9 +543,40 @@ class TestPoisonEntry:
             assert wal is not None
             wait_until(lambda: wal.pending_count == 0, 5, "every entry settled")
             failures = [r.fields for r in logger.at("warning") if r.event == "delivery_failed"]
-            # ... after the poison failed in a batch with its neighbours, which was split at once
-            assert any(f["entries"] > 1 and f["attempt"] is None for f in failures), failures
-            assert [f["attempt"] for f in failures if f["entries"] == 1] == [1, 2, 3], failures
+            # ... after the poison failed in a batch with its neighbours (its first attempt), which
+            # was split at once: then it was written alone twice
+            assert any(f["entries"] > 1 and f["attempt"] == 1 for f in failures), failures
+            assert [f["attempt"] for f in failures if f["entries"] == 1] == [2, 3], failures
+        finally:
+            service.shutdown(10)
+
+
+@pytest.mark.postgres
+class TestUnstorableAtIngest:
+    """What JSONB can never hold is refused at ingest for a PostgreSQL destination, not dead-lettered later."""
+
+    @pytest.mark.parametrize("body", UNSTORABLE_BODIES.values(), ids=UNSTORABLE_BODIES.keys())
+    def test_a_body_jsonb_cannot_hold_is_400_with_the_reason_and_nothing_is_stored(
+        self, tmp_path: Path, postgres_db_url: str, body: bytes
+    ) -> None:
+        """NUL in a string or key, or a scale past 16383 digits: 400 invalid_body naming why; nothing in the WAL."""
+        env = {
+            "NEXUS_DATA_DIR": str(tmp_path / "data"),
+            "NEXUS_TOKEN": TOKEN,
+            "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN,
+            "NEXUS_DESTINATION_URL": postgres_db_url,
+        }
+        logger = RecordingLogger()
+        service = lifecycle.assemble(load_settings(env), logger)
+        service.start()
+        try:
+            assert service.wait_ready(10)
+            client = falcon.testing.TestClient(create_app(service, logger))
+            result = client.simulate_post("/inbound/default", body=body, headers=post_headers())
+            assert result.status_code == 400, result.text
+            assert result.json["error"] == "invalid_body"
+            assert "PostgreSQL" in result.json["message"]
+            assert service.wal.pending_count == 0
         finally:
             service.shutdown(10)
 

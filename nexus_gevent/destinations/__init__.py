@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
 from ..queue import Destination
 from .sqlite import SQLiteDestination
 
-__all__ = ["Destination", "Queryable", "SQLiteDestination", "open_destination", "sqlite_path"]
+__all__ = ["Destination", "PayloadCheck", "Queryable", "SQLiteDestination", "open_destination", "sqlite_path"]
 
 _SQLITE_PREFIX = "sqlite:///"
+
+
+@runtime_checkable
+class PayloadCheck(Protocol):
+    """A destination that can tell at ingest that it will never store a payload."""
+
+    def unstorable(self, payload: bytes, value: object) -> str | None:
+        """Why this destination can never store `payload` (parsed: `value`), or None when it can."""
+        ...
 
 
 class Queryable(Protocol):

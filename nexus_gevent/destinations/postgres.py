@@ -24,6 +24,7 @@ import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
+from .._json_limits import jsonb_refusal
 from ..entry import Entry
 from ..errors import ConfigError, DestinationError, DestinationUnavailable, EntryRejected
 from ._paging import Record, page, page_query, page_start
@@ -304,6 +305,10 @@ class PostgresDestination:
             # A commit whose answer was lost reads as unavailable and is written again
             # later: harmless, since the redelivery skips the known payload_ids.
             raise classify_pg_error(exc) from exc
+
+    def unstorable(self, payload: bytes, value: object) -> str | None:
+        """Why JSONB can never hold this payload (a NUL in a string, a number's scale), or None."""
+        return jsonb_refusal(payload, value)
 
     def probe(self) -> None:
         """Borrow a connection (creating the schema if needed) and run `SELECT 1`.

@@ -178,6 +178,10 @@ class SQLiteDestination:
         if entries:
             self._combiner.write(entries)
 
+    def unstorable(self, payload: bytes, value: object) -> str | None:
+        """SQLite keeps the JSON text as sent: any object within the ingest limits can be stored."""
+        return None
+
     def probe(self) -> None:
         """Open the file if needed and run `SELECT 1`; DestinationUnavailable on any failure."""
         self._run(self._probe_in_thread)

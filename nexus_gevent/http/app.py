@@ -7,6 +7,7 @@ from typing import Any
 import falcon
 
 from ..auth import Authenticator
+from ..destinations import PayloadCheck
 from ..errors import DestinationUnavailable, WalUnavailable
 from ..logs import Logger
 from ..service import Service
@@ -28,7 +29,8 @@ def create_app(service: Service, logger: Logger) -> falcon.App[falcon.Request, f
     app.add_error_handler(falcon.HTTPError, _reraise_http_error)
     app.add_error_handler(WalUnavailable, wal_unavailable)
     app.add_error_handler(DestinationUnavailable, destination_unavailable)
-    app.add_route("/inbound/{source}", InboundResource(settings, service.ingest, lambda: service.stopping))
+    checks = {name: d for name, d in service.destinations.items() if isinstance(d, PayloadCheck)}
+    app.add_route("/inbound/{source}", InboundResource(settings, service.ingest, lambda: service.stopping, checks))
     app.add_route("/query/{destination}", QueryResource(settings, service.destinations))
     app.add_route("/health", HealthResource())
     app.add_route("/metrics", MetricsResource() if settings.metrics_public else AdminMetricsResource())

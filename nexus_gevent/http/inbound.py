@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import falcon
@@ -16,9 +16,11 @@ import gevent
 import orjson
 
 from .. import metrics
+from .._json_limits import MAX_NESTING, nesting_exceeds
 from .._sockets import shut_down
 from ..auth import Principal
 from ..config import Settings
+from ..destinations import PayloadCheck
 from ..ingest import Ingest, WriteResult
 from .errors import ApiError, answer_error
 
@@ -138,8 +140,8 @@ def check_content_type(req: falcon.Request) -> None:
         )
 
 
-def parse_object(body: bytes) -> None:
-    """400 unless the body is one JSON object."""
+def parse_object(body: bytes) -> dict[str, object]:
+    """The body as one JSON object, nested at most MAX_NESTING deep; 400 otherwise."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -148,6 +150,14 @@ def parse_object(body: bytes) -> None:
         ) from None
     if not isinstance(value, dict):
         raise ApiError(falcon.HTTP_400, "invalid_body", "the body must be a JSON object")
+    if nesting_exceeds(body, value):
+        raise ApiError(
+            falcon.HTTP_400,
+            "invalid_body",
+            f"arrays and objects nest deeper than {MAX_NESTING} levels",
+            details={"max_nesting": MAX_NESTING},
+        )
+    return value
 
 
 def optional_header(req: falcon.Request, name: str, code: str, limit: int) -> str | None:
@@ -193,10 +203,14 @@ class InboundResource:
 
     unauthorized_message = "a valid bearer token is required"
 
-    def __init__(self, settings: Settings, ingest: Ingest, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self, settings: Settings, ingest: Ingest, stopping: Callable[[], bool], checks: Mapping[str, PayloadCheck]
+    ) -> None:
         self._settings = settings
         self._ingest = ingest
         self._stopping = stopping
+        #: Each destination's own word on what it can never store.
+        self._checks = checks
         self._counters = metrics.write_counters([s.name for s in settings.sources], settings.shed_policy)
 
     def authorize(self, principal: Principal, params: dict[str, Any]) -> None:
@@ -216,10 +230,19 @@ class InboundResource:
         key = idempotency_key(req)
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
         body = read_body_within(req, self._settings.max_body_bytes, self._settings.body_timeout)
-        parse_object(body)
+        value = parse_object(body)
         if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
         destination = self._settings.source(source).destination  # type: ignore[union-attr]
+        check = self._checks.get(destination)
+        refusal = check.unstorable(body, value) if check is not None else None
+        if refusal is not None:
+            raise ApiError(
+                falcon.HTTP_400,
+                "invalid_body",
+                f"the destination cannot store this entry: {refusal}",
+                details={"destination": destination},
+            )
         result = self._ingest.write(source, destination, body, subject=subject, key=key)
         self._count(source, result)
         self._answer(req, resp, result)
