@@ -65,15 +65,7 @@ class Layers:
     def integer(self, key: str, default: int, *, minimum: int | None = None) -> int:
         """An integer (a TOML integer, or its digits in the environment), at least `minimum`."""
 
-        def parse(value: object, where: str) -> int:
-            number = value if isinstance(value, int) and not isinstance(value, bool) else _from_text(value, int)
-            if number is None:
-                raise ConfigError(f"{where} must be an integer, got {value!r}")
-            if minimum is not None and number < minimum:
-                raise ConfigError(f"{where} must be at least {minimum}, got {number}")
-            return number
-
-        return self.read(key, default, parse)
+        return self.read(key, default, lambda value, where: parse_integer(value, where, minimum=minimum))
 
     def seconds(self, key: str, default: float) -> float:
         """A finite, non-negative number of seconds."""
@@ -111,6 +103,28 @@ def _read_toml(env: Mapping[str, str], file_variable: str, keys: frozenset[str])
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {path}")
     return data, str(path)
+
+
+def parse_integer(value: object, where: str, *, minimum: int | None = None) -> int:
+    """An integer (a TOML integer, or its digits in the environment), at least `minimum`; `where` names it."""
+    number = value if isinstance(value, int) and not isinstance(value, bool) else _from_text(value, int)
+    if number is None:
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{where} must be at least {minimum}, got {number}")
+    return number
+
+
+def parse_positive(value: object, where: str) -> float:
+    """A finite number above 0 (a TOML integer or float, or its text in the environment); `where` names it."""
+    number = (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _from_text(value, float)
+    )
+    if number is None or not math.isfinite(number):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if number <= 0:
+        raise ConfigError(f"{where} must be greater than 0, got {number:g}")
+    return number
 
 
 def _from_text(value: object, kind: Callable[[str], T]) -> T | None:

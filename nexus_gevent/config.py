@@ -15,6 +15,8 @@ The TOML file (``NEXUS_CONFIG``) looks like this::
     name = "billing"
     token = "env:BILLING_TOKEN"    # a literal, env:VAR, or file:PATH
     destination = "warehouse"      # optional; "default" if left out
+    rate_limit_per_second = 50     # optional; unlimited if left out
+    rate_limit_burst = 200         # optional; max(1, ceil(rate)) if left out
 
 Rules:
 
@@ -31,6 +33,11 @@ Rules:
   ``{data_dir}/secrets/admin-token`` (mode 0600) and reused on the next start.
 - Tokens must be visible ASCII (no spaces) and distinct from one another, so
   that a token names exactly one source, or the admin.
+- A source's rate limit (entries a second, and the burst: a token bucket, see
+  ``rate_limit``) is ``rate_limit_per_second`` / ``rate_limit_burst`` in its
+  ``[[sources]]`` table; the ``default`` source's is ``NEXUS_RATE_LIMIT_PER_SECOND`` /
+  ``NEXUS_RATE_LIMIT_BURST`` (or the top-level keys, without ``[[sources]]``). No rate
+  means no limit; a rate without a burst has a burst of ``max(1, ceil(rate))``.
 
 This module holds the schema and these rules; the lookup itself (environment over
 file over default) is ``_layers.Layers``, and token references and secret files
@@ -40,6 +47,7 @@ are ``secrets``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -49,7 +57,7 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from . import datadir
-from ._layers import Layers
+from ._layers import Layers, parse_integer, parse_positive
 from .errors import ConfigError
 from .logs import parse_level
 from .queue import DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_ATTEMPTS, or_default
@@ -101,9 +109,13 @@ _TOP_LEVEL_KEYS = frozenset(
         "idempotency_window",
         "body_timeout",
         "wal_segment_bytes",
+        "rate_limit_per_second",
+        "rate_limit_burst",
     }
 )
-_SOURCE_KEYS = frozenset({"name", "token", "destination"})
+_RATE_KEY = "rate_limit_per_second"
+_BURST_KEY = "rate_limit_burst"
+_SOURCE_KEYS = frozenset({"name", "token", "destination", _RATE_KEY, _BURST_KEY})
 _DESTINATION_KEYS = frozenset({"name", "url"})
 
 
@@ -134,6 +146,10 @@ class SourceSettings:
     name: str
     token: str = field(repr=False)
     destination: str
+    #: Entries a second this source may write, over every worker of the instance; None: unlimited.
+    rate_limit_per_second: float | None = None
+    #: The token bucket's size: entries written at once after a quiet spell. Set whenever the rate is.
+    rate_limit_burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +238,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     # An explicit token is never empty (check_token refuses it), so `or` fills in only the missing ones.
     resolved = [
-        SourceSettings(name=name, token=token or generated(f"token-{name}"), destination=destination)
-        for name, token, destination in sources
+        SourceSettings(
+            name=name,
+            token=token or generated(f"token-{name}"),
+            destination=destination,
+            rate_limit_per_second=rate,
+            rate_limit_burst=burst,
+        )
+        for name, token, destination, (rate, burst) in sources
     ]
     admin_token = explicit_admin or generated(ADMIN_TOKEN_FILENAME)
 
@@ -298,26 +320,32 @@ def _with_default_destination(
         if url is None:
             return declared
         return [replace(d, url=url) if d.name == DEFAULT_NAME else d for d in declared]
-    if not any(destination == DEFAULT_NAME for _, _, destination in sources):
+    if not any(spec[2] == DEFAULT_NAME for spec in sources):
         # Nothing writes there, so no queue, delivery greenlets or SQLite file for it.
         return declared
     return [*declared, DestinationSettings(DEFAULT_NAME, url or datadir.default_destination_url(data_dir))]
 
 
-# (name, token or None for a generated one, destination)
-_SourceSpec = tuple[str, str | None, str]
+# (rate, burst): both None (unlimited) or both set.
+_RateLimit = tuple[float | None, int | None]
+# (name, token or None for a generated one, destination, rate limit)
+_SourceSpec = tuple[str, str | None, str, _RateLimit]
+# A raw setting and where it was found, for its error message.
+_Found = tuple[object, str] | None
 
 
 def _sources(layers: Layers, known_destinations: set[str]) -> list[_SourceSpec]:
     env_token = _env_token(layers, "token")
     tables = layers.tables("sources", _SOURCE_KEYS)
     if not tables:
-        return [(DEFAULT_NAME, env_token or _toml_token(layers, "token"), DEFAULT_NAME)]
-    if "token" in layers.toml:
-        raise ConfigError(
-            f"token in {layers.origin} is the token of the implicit source 'default', "
-            "which [[sources]] replaces; give each source its token in [[sources]]"
-        )
+        limit = _rate_limit(layers.lookup(_RATE_KEY), layers.lookup(_BURST_KEY))
+        return [(DEFAULT_NAME, env_token or _toml_token(layers, "token"), DEFAULT_NAME, limit)]
+    for key in ("token", _RATE_KEY, _BURST_KEY):
+        if key in layers.toml:
+            raise ConfigError(
+                f"{key} in {layers.origin} is the {key} of the implicit source 'default', "
+                f"which [[sources]] replaces; give each source its {key} in [[sources]]"
+            )
 
     specs: list[_SourceSpec] = []
     for table in tables:
@@ -328,13 +356,54 @@ def _sources(layers: Layers, known_destinations: set[str]) -> list[_SourceSpec]:
         destination = table.get("destination", DEFAULT_NAME)
         if not isinstance(destination, str) or destination not in known_destinations:
             raise ConfigError(f"{where} names an unknown destination {destination!r}")
+        limit = _table_rate_limit(layers, table, name, where)
         if name == DEFAULT_NAME and env_token is not None:
-            specs.append((name, env_token, destination))
+            specs.append((name, env_token, destination, limit))
         elif "token" in table:
-            specs.append((name, resolve_token(table["token"], f"token of {where}", layers.env), destination))
+            token = resolve_token(table["token"], f"token of {where}", layers.env)
+            specs.append((name, token, destination, limit))
         else:
-            specs.append((name, None, destination))
+            specs.append((name, None, destination, limit))
+    if not any(s[0] == DEFAULT_NAME for s in specs):
+        for key in (_RATE_KEY, _BURST_KEY):
+            if _env_found(layers, key) is not None:
+                # A limit that silently applies to nothing would be worse than none.
+                raise ConfigError(
+                    f"{layers.env_name(key)} is a setting of source 'default', "
+                    f"which the [[sources]] in {layers.origin} do not declare"
+                )
     return specs
+
+
+def _table_rate_limit(layers: Layers, table: dict[str, object], name: str, where: str) -> _RateLimit:
+    """A [[sources]] table's rate limit; for source 'default', NEXUS_RATE_LIMIT_* win over its keys."""
+
+    def found(key: str) -> _Found:
+        if name == DEFAULT_NAME:
+            from_env = _env_found(layers, key)
+            if from_env is not None:
+                return from_env
+        return (table[key], f"{key} of {where}") if key in table else None
+
+    return _rate_limit(found(_RATE_KEY), found(_BURST_KEY))
+
+
+def _env_found(layers: Layers, key: str) -> _Found:
+    name = layers.env_name(key)
+    value = layers.env.get(name)
+    return (value, name) if value else None
+
+
+def _rate_limit(rate_found: _Found, burst_found: _Found) -> _RateLimit:
+    """(rate, burst) from the raw settings; a rate alone gets a burst of max(1, ceil(rate))."""
+    rate = None if rate_found is None else parse_positive(*rate_found)
+    burst = None if burst_found is None else parse_integer(*burst_found, minimum=1)
+    if rate is None:
+        if burst_found is not None:
+            raise ConfigError(f"{burst_found[1]} needs a rate: set {_RATE_KEY} too (no rate means no limit)")
+        return None, None
+    # One second's worth: a source sending at its rate in whole seconds is never refused.
+    return rate, burst if burst is not None else max(1, math.ceil(rate))
 
 
 def _admin_token(layers: Layers) -> str | None:
@@ -362,7 +431,7 @@ def _check_distinct(sources: list[_SourceSpec], admin_token: str | None) -> None
     # A token must identify one principal: the HTTP layer tells "unknown token"
     # (401) from "another source's token" (403) by which source owns it.
     owners: dict[str, str] = {}
-    for name, token, _ in sources:
+    for name, token, *_ in sources:
         if token is None:
             continue
         if token in owners:

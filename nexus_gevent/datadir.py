@@ -22,6 +22,8 @@ DEFAULT_DESTINATION_FILENAME = "nexus.db"
 SECRETS_DIRNAME = "secrets"
 #: prometheus_client's multiprocess files, unless PROMETHEUS_MULTIPROC_DIR says otherwise.
 METRICS_DIRNAME = "metrics"
+#: Per-source rate-limit buckets shared by the workers, one 0600 file per limited source.
+RATE_LIMIT_DIRNAME = "ratelimit"
 
 
 def wal_root(data_dir: Path) -> Path:
@@ -42,6 +44,10 @@ def secrets_dir(data_dir: Path) -> Path:
 
 def metrics_dir(data_dir: Path) -> Path:
     return data_dir / METRICS_DIRNAME
+
+
+def rate_limit_dir(data_dir: Path) -> Path:
+    return data_dir / RATE_LIMIT_DIRNAME
 
 
 def default_destination_url(data_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""The write path: idempotency check, durable WAL append, key claim, enqueue.
+"""The write path: idempotency check, rate limit, durable WAL append, key claim, enqueue.
 
 It reads like the sentence it implements; the HTTP layer has already authenticated
 and validated, and maps the outcome (or the domain error raised) to a status.
@@ -17,13 +17,14 @@ from .entry import Entry, new_payload_id
 from .errors import WalUnavailable
 from .idempotency import IdempotencyIndex
 from .logs import Logger
+from .rate_limit import TokenBucket
 from .wal import Wal
 
-Outcome = Literal["accepted", "duplicate", "shed", "rejected"]
+Outcome = Literal["accepted", "duplicate", "shed", "rejected", "rate_limited"]
 
 
 class WriteResult(NamedTuple):
-    """What became of one write. `payload_id` is None only for a `rejected` write.
+    """What became of one write. `payload_id` is None only for a `rejected` or `rate_limited` write.
 
     A named tuple: one is built per request, and a frozen dataclass costs a
     `object.__setattr__` per field.
@@ -38,9 +39,18 @@ class Ingest:
     """Makes one entry durable and hands it to its destination's backlog."""
 
     def __init__(
-        self, wal: Wal, backlogs: dict[str, Backlog], index: IdempotencyIndex, *, shed_policy: str, logger: Logger
+        self,
+        wal: Wal,
+        backlogs: dict[str, Backlog],
+        index: IdempotencyIndex,
+        *,
+        shed_policy: str,
+        logger: Logger,
+        limits: dict[str, TokenBucket] | None = None,
     ) -> None:
         self._wal = wal
+        # Only the limited sources have a bucket.
+        self._limits = dict(limits or {})
         self._backlogs = backlogs
         self._index = index
         self._reject = shed_policy == "reject"
@@ -90,6 +100,14 @@ class Ingest:
     def _write(
         self, source: str, destination: str, payload: bytes, subject: str | None, key: str | None
     ) -> WriteResult:
+        # After the duplicate lookup (a resend of a stored key is answered 200 and costs
+        # no token), before the WAL: a refused write leaves nothing behind, not even a
+        # queue reservation.
+        bucket = self._limits.get(source)
+        if bucket is not None:
+            wait = bucket.take(1)
+            if wait is not None:
+                return WriteResult("rate_limited", None, wait)
         backlog = self._backlogs[destination]
         reserved = False
         if self._reject:

@@ -25,6 +25,7 @@ from .ingest import Ingest
 from .logs import Logger, configure_logging, get_logger
 from .outcomes import Outcomes
 from .queue import Destination, Queue, QueueConfig
+from .rate_limit import RateLimits
 from .retry_after import RateMeter
 from .service import Parts, Service
 from .wal import Wal, claim
@@ -79,8 +80,18 @@ def assemble(settings: Settings, logger: Logger) -> Service:
             outcomes,
         )
         backlogs[dest.name] = Backlog(queue, log, meter, refill=functools.partial(wal.read_pending, dest.name))
-    ingest = Ingest(wal, backlogs, index, shed_policy=settings.shed_policy, logger=log)
-    parts = Parts(settings, lock, wal, dead_letters, index, outcomes, destinations, backlogs, ingest)
+    # One bucket file per limited source in the data directory: every worker maps the
+    # same files, so a source's limit holds for the whole instance (rate_limit.py).
+    limits = RateLimits.open(
+        datadir.rate_limit_dir(settings.data_dir),
+        [
+            (s.name, s.rate_limit_per_second, s.rate_limit_burst or 1)
+            for s in settings.sources
+            if s.rate_limit_per_second is not None
+        ],
+    )
+    ingest = Ingest(wal, backlogs, index, shed_policy=settings.shed_policy, logger=log, limits=limits.buckets)
+    parts = Parts(settings, lock, wal, dead_letters, index, outcomes, destinations, backlogs, ingest, limits)
     return Service(parts, log)
 
 

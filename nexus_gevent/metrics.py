@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from prometheus_client import (
     REGISTRY,
@@ -31,6 +32,11 @@ PROCESSED = Counter("bubblefish_queue_processing_rate", "Entries written to thei
 ACCEPTED = Counter("nexus_writes_accepted", "Writes acknowledged with 202.", ["source"])
 DUPLICATES = Counter("nexus_writes_duplicate", "Writes answered 200 duplicate (Idempotency-Key seen).", ["source"])
 SHED = Counter("nexus_writes_shed", "Writes answered 429 because the queue was full.", ["source", "policy"])
+RATE_LIMITED = Counter(
+    "nexus_writes_rate_limited",
+    "Writes answered 429 rate_limit_exceeded: the source was over its rate limit; nothing was stored.",
+    ["source"],
+)
 WAL_FAILURES = Counter("nexus_wal_append_failures", "Writes answered 503 because the WAL could not make them durable.")
 DELIVERED = Counter("nexus_delivered_entries", "Entries written to a destination.", ["destination"])
 ATTEMPTS = Counter("nexus_delivery_attempts", "Destination writes tried, counted per entry.", ["destination"])
@@ -109,14 +115,26 @@ class BatchedHistogram:
 WAL_APPEND_LATENCY_BATCH = BatchedHistogram(WAL_APPEND_LATENCY, WAL_APPEND_BUCKETS)
 
 
-def write_counters(sources: Sequence[str], policy: str) -> dict[str, tuple[Counter, Counter, Counter]]:
-    """Accepted, duplicate and shed counters per source, looked up once.
+class WriteCounters(NamedTuple):
+    """One source's counters of write outcomes."""
+
+    accepted: Counter
+    duplicate: Counter
+    shed: Counter
+    rate_limited: Counter
+
+
+def write_counters(sources: Sequence[str], policy: str) -> dict[str, WriteCounters]:
+    """Accepted, duplicate, shed and rate-limited counters per source, looked up once.
 
     `labels()` takes a lock and builds a key on every call (6 % of a 429's CPU);
     creating the children up front also shows every source at 0 before its first write.
     """
     return {
-        source: (ACCEPTED.labels(source), DUPLICATES.labels(source), SHED.labels(source, policy)) for source in sources
+        source: WriteCounters(
+            ACCEPTED.labels(source), DUPLICATES.labels(source), SHED.labels(source, policy), RATE_LIMITED.labels(source)
+        )
+        for source in sources
     }
 
 

@@ -29,6 +29,7 @@ from .ingest import Ingest
 from .logs import Logger
 from .outcomes import Outcomes
 from .queue import Destination
+from .rate_limit import RateLimits
 from .status import DestinationStatus, ServiceStatus, wal_directories
 from .wal import DirLock, ReplayResult, Wal, adopt_orphans
 
@@ -72,6 +73,7 @@ class Parts:
     destinations: dict[str, Destination]
     backlogs: dict[str, Backlog]
     ingest: Ingest
+    limits: RateLimits
 
 
 class Service:
@@ -87,6 +89,7 @@ class Service:
         self.destinations = parts.destinations
         self.backlogs = parts.backlogs
         self.ingest = parts.ingest
+        self.limits = parts.limits
         self._log = logger
         self.state = WorkerState.STARTING
         self.replay_result: ReplayResult | None = None
@@ -313,6 +316,7 @@ class Service:
             except Exception as exc:
                 self._log.warning("destination_close_failed", destination=name, error=str(exc))
         self.wal.close()
+        self.limits.close()
         self.index.close()
         self.dead_letters.close()
         self.lock.close()

@@ -603,3 +603,131 @@ class TestSettingsLookups:
         assert "secret-token" not in text
         assert "hunter2" not in text
         assert "postgresql://nexus:***@db/nexus" in text
+
+
+def _limits(settings: Settings) -> dict[str, tuple[float | None, int | None]]:
+    return {s.name: (s.rate_limit_per_second, s.rate_limit_burst) for s in settings.sources}
+
+
+class TestRateLimits:
+    """rate_limit_per_second / rate_limit_burst: per [[sources]] table, NEXUS_RATE_LIMIT_* for 'default'."""
+
+    def test_no_rate_means_no_limit(self, tmp_path: Path) -> None:
+        """Without any rate-limit setting every source is unlimited (both values None)."""
+        settings = load_settings({"NEXUS_DATA_DIR": str(tmp_path)})
+        assert _limits(settings) == {"default": (None, None)}
+
+    def test_the_environment_limits_the_default_source(self, tmp_path: Path) -> None:
+        """NEXUS_RATE_LIMIT_PER_SECOND and NEXUS_RATE_LIMIT_BURST set the default source's bucket."""
+        env = {"NEXUS_DATA_DIR": str(tmp_path), "NEXUS_RATE_LIMIT_PER_SECOND": "2.5", "NEXUS_RATE_LIMIT_BURST": "40"}
+        assert _limits(load_settings(env)) == {"default": (2.5, 40)}
+
+    @pytest.mark.parametrize(("rate", "burst"), [("0.2", 1), ("1", 1), ("2.5", 3), ("100", 100)])
+    def test_a_rate_without_a_burst_has_a_burst_of_one_seconds_worth(
+        self, tmp_path: Path, rate: str, burst: int
+    ) -> None:
+        """A rate alone gets a burst of max(1, ceil(rate))."""
+        env = {"NEXUS_DATA_DIR": str(tmp_path), "NEXUS_RATE_LIMIT_PER_SECOND": rate}
+        assert _limits(load_settings(env)) == {"default": (float(rate), burst)}
+
+    def test_top_level_keys_limit_the_implicit_default_source(self, tmp_path: Path) -> None:
+        """Without [[sources]], the top-level TOML keys are the default source's limit; the environment wins."""
+        environ = _write_toml(tmp_path, "rate_limit_per_second = 7\nrate_limit_burst = 9\n")
+        assert _limits(load_settings(environ)) == {"default": (7.0, 9)}
+        environ["NEXUS_RATE_LIMIT_BURST"] = "12"
+        assert _limits(load_settings(environ)) == {"default": (7.0, 12)}
+
+    def test_each_source_table_has_its_own_limit(self, tmp_path: Path) -> None:
+        """[[sources]] tables carry their own keys; a table without them is unlimited."""
+        environ = _write_toml(
+            tmp_path,
+            """
+            [[sources]]
+            name = "noisy"
+            token = "noisy-token"
+            rate_limit_per_second = 0.5
+            rate_limit_burst = 2
+
+            [[sources]]
+            name = "quiet"
+            token = "quiet-token"
+
+            [[sources]]
+            name = "rated"
+            token = "rated-token"
+            rate_limit_per_second = 20
+            """,
+        )
+        assert _limits(load_settings(environ)) == {"noisy": (0.5, 2), "quiet": (None, None), "rated": (20.0, 20)}
+
+    def test_the_environment_wins_over_the_default_sources_table(self, tmp_path: Path) -> None:
+        """NEXUS_RATE_LIMIT_* replace the keys of a [[sources]] entry named 'default', key by key."""
+        environ = _write_toml(
+            tmp_path, '[[sources]]\nname = "default"\nrate_limit_per_second = 1\nrate_limit_burst = 5\n'
+        )
+        environ["NEXUS_RATE_LIMIT_PER_SECOND"] = "3"
+        assert _limits(load_settings(environ)) == {"default": (3.0, 5)}
+
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            ({"NEXUS_RATE_LIMIT_PER_SECOND": "0"}, "NEXUS_RATE_LIMIT_PER_SECOND must be greater than 0, got 0"),
+            ({"NEXUS_RATE_LIMIT_PER_SECOND": "-1"}, "NEXUS_RATE_LIMIT_PER_SECOND must be greater than 0"),
+            ({"NEXUS_RATE_LIMIT_PER_SECOND": "fast"}, "NEXUS_RATE_LIMIT_PER_SECOND must be a number, got 'fast'"),
+            ({"NEXUS_RATE_LIMIT_PER_SECOND": "inf"}, "NEXUS_RATE_LIMIT_PER_SECOND must be a number"),
+            ({"NEXUS_RATE_LIMIT_PER_SECOND": "nan"}, "NEXUS_RATE_LIMIT_PER_SECOND must be a number"),
+            (
+                {"NEXUS_RATE_LIMIT_PER_SECOND": "1", "NEXUS_RATE_LIMIT_BURST": "0"},
+                "NEXUS_RATE_LIMIT_BURST must be at least 1, got 0",
+            ),
+            (
+                {"NEXUS_RATE_LIMIT_PER_SECOND": "1", "NEXUS_RATE_LIMIT_BURST": "1.5"},
+                "NEXUS_RATE_LIMIT_BURST must be an integer, got '1.5'",
+            ),
+            ({"NEXUS_RATE_LIMIT_BURST": "10"}, "NEXUS_RATE_LIMIT_BURST needs a rate: set rate_limit_per_second"),
+        ],
+    )
+    def test_invalid_environment_values_are_refused_naming_the_variable(
+        self, tmp_path: Path, env: dict[str, str], message: str
+    ) -> None:
+        """A rate that is not a positive number, a burst under 1 or without a rate: ConfigError naming it."""
+        with pytest.raises(ConfigError, match=message):
+            load_settings({"NEXUS_DATA_DIR": str(tmp_path), **env})
+
+    @pytest.mark.parametrize(
+        ("toml", "message"),
+        [
+            (
+                '[[sources]]\nname = "a"\nrate_limit_per_second = true',
+                "rate_limit_per_second of source 'a' in .* must be a number, got True",
+            ),
+            (
+                '[[sources]]\nname = "a"\nrate_limit_per_second = 0.0',
+                "rate_limit_per_second of source 'a' in .* must be greater than 0",
+            ),
+            (
+                '[[sources]]\nname = "a"\nrate_limit_per_second = 1\nrate_limit_burst = 0',
+                "rate_limit_burst of source 'a' in .* must be at least 1",
+            ),
+            (
+                '[[sources]]\nname = "a"\nrate_limit_burst = 3',
+                "rate_limit_burst of source 'a' in .* needs a rate",
+            ),
+            ("rate_limit_per_second = nan", "rate_limit_per_second in .* must be a number"),
+            (
+                'rate_limit_per_second = 1\n[[sources]]\nname = "a"',
+                "rate_limit_per_second in .* is the rate_limit_per_second of the implicit source 'default'",
+            ),
+        ],
+    )
+    def test_invalid_toml_values_are_refused_naming_the_setting(self, tmp_path: Path, toml: str, message: str) -> None:
+        """Invalid rate-limit keys in the file: ConfigError naming the key and its source."""
+        with pytest.raises(ConfigError, match=message):
+            load_settings(_write_toml(tmp_path, toml))
+
+    def test_an_environment_limit_for_an_undeclared_default_source_is_refused(self, tmp_path: Path) -> None:
+        """NEXUS_RATE_LIMIT_* when [[sources]] has no 'default': refused, rather than a limit on nothing."""
+        environ = _write_toml(tmp_path, '[[sources]]\nname = "a"\n')
+        environ["NEXUS_RATE_LIMIT_PER_SECOND"] = "5"
+        with pytest.raises(ConfigError, match="NEXUS_RATE_LIMIT_PER_SECOND is a setting of source 'default'"):
+            load_settings(environ)
