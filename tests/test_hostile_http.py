@@ -582,6 +582,15 @@ TRICKS: dict[str, Trick] = {
     "header-of-9000-bytes": Trick(_with_raw_headers("X-Big: " + "b" * 9000 + "\r\n"), 431, None),
     "query-limit-past-int64": Trick(_get("/query/default?limit=99999999999999999999999", auth()), 400, "invalid_limit"),
     "query-cursor-of-garbage": Trick(_get("/query/default?after=%00%FF", auth()), 400, "invalid_cursor"),
+    # str.isdigit() takes these, int() does not (or takes them as a number nobody meant).
+    "query-limit-superscript-two": Trick(_get("/query/default?limit=%C2%B2", auth()), 400, "invalid_limit"),
+    "query-limit-circled-one": Trick(_get("/query/default?limit=%E2%91%A0", auth()), 400, "invalid_limit"),
+    "query-limit-fullwidth-one": Trick(_get("/query/default?limit=%EF%BC%91", auth()), 400, "invalid_limit"),
+    "two-idempotency-keys": Trick(
+        _post("/inbound/default", headers={**auth(), "Idempotency-Key": "k1", "idempotency-key": "k2"}),
+        400,
+        "invalid_idempotency_key",
+    ),
 }
 
 
