@@ -115,7 +115,7 @@ _TOP_LEVEL_KEYS = frozenset(
 )
 _RATE_KEY = "rate_limit_per_second"
 _BURST_KEY = "rate_limit_burst"
-_SOURCE_KEYS = frozenset({"name", "token", "destination", _RATE_KEY, _BURST_KEY})
+_SOURCE_KEYS = frozenset({"name", "token", "destination", "can_read", _RATE_KEY, _BURST_KEY})
 _DESTINATION_KEYS = frozenset({"name", "url"})
 
 
@@ -150,6 +150,13 @@ class SourceSettings:
     rate_limit_per_second: float | None = None
     #: The token bucket's size: entries written at once after a quiet spell. Set whenever the rate is.
     rate_limit_burst: int | None = None
+    #: Other sources whose records this source's token may read through /query.
+    can_read: tuple[str, ...] = ()
+
+    @property
+    def readable(self) -> frozenset[str]:
+        """The sources whose records this source's token may read: its own, and those of can_read."""
+        return frozenset((self.name, *self.can_read))
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +216,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     data_dir = Path(layers.text("data_dir", datadir.DEFAULT_DATA_DIR))
     declared = _declared_destinations(layers)
     sources = _sources(layers, {d.name for d in declared} | {DEFAULT_NAME})
+    readers = _readers(layers, {s[0] for s in sources})
     destinations = _with_default_destination(declared, sources, layers, data_dir)
     explicit_admin = _admin_token(layers)
     _check_distinct(sources, explicit_admin)
@@ -244,6 +252,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             destination=destination,
             rate_limit_per_second=rate,
             rate_limit_burst=burst,
+            can_read=readers.get(name, ()),
         )
         for name, token, destination, (rate, burst) in sources
     ]
@@ -373,6 +382,24 @@ def _sources(layers: Layers, known_destinations: set[str]) -> list[_SourceSpec]:
                     f"which the [[sources]] in {layers.origin} do not declare"
                 )
     return specs
+
+
+def _readers(layers: Layers, names: set[str]) -> dict[str, tuple[str, ...]]:
+    """Each [[sources]] table's can_read: a list of declared source names."""
+    readers: dict[str, tuple[str, ...]] = {}
+    for table in layers.tables("sources", _SOURCE_KEYS):
+        if "can_read" not in table:
+            continue
+        name = str(table["name"])
+        where = f"can_read of source {name!r} in {layers.origin}"
+        listed = table["can_read"]
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+            raise ConfigError(f"{where} must be a list of source names, got {listed!r}")
+        unknown = sorted(set(listed) - names)
+        if unknown:
+            raise ConfigError(f"{where} names unknown sources {unknown}")
+        readers[name] = tuple(dict.fromkeys(listed))
+    return readers
 
 
 def _table_rate_limit(layers: Layers, table: dict[str, object], name: str, where: str) -> _RateLimit:
