@@ -22,7 +22,7 @@ from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-
 from .._sqlite import create_private_file, enable_wal
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
-from ._combine import WriteCombiner
+from ._group_commit import GroupCommit
 from ._paging import Record, format_timestamp, page, page_query, page_start
 
 _T = TypeVar("_T")
@@ -159,7 +159,7 @@ class SQLiteDestination:
         self._busy_timeout_ms = busy_timeout_ms
         self._pool = ThreadPool(1)
         self._closed = False
-        self._combiner = WriteCombiner(self._write_batch, DestinationUnavailable)
+        self._group_commit = GroupCommit(self._write_batch, DestinationUnavailable)
         # Touched only inside the pool's thread.
         self._conn: sqlite3.Connection | None = None
 
@@ -176,7 +176,7 @@ class SQLiteDestination:
     def write(self, entries: Sequence[Entry]) -> None:
         """Store all of `entries` in one durable transaction; a payload_id already stored is skipped."""
         if entries:
-            self._combiner.write(entries)
+            self._group_commit.write(entries)
 
     def probe(self) -> None:
         """Open the file if needed and run `SELECT 1`; DestinationUnavailable on any failure."""
@@ -205,7 +205,7 @@ class SQLiteDestination:
         if self._closed:
             return
         self._closed = True
-        self._combiner.fail_waiting(DestinationUnavailable(f"destination {self._name!r} is closed"))
+        self._group_commit.fail_waiting(DestinationUnavailable(f"destination {self._name!r} is closed"))
         try:
             self._apply(self._close_in_thread)
         finally:
