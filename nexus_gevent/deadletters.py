@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._sqlite import SQLiteThread, transaction
+from ._sqlite_thread import SQLiteThread, transaction
 from .entry import Entry
 
 _SCHEMA = """

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ._sqlite import SQLiteThread, transaction
+from ._sqlite_thread import SQLiteThread, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (

@@ -12,9 +12,9 @@ import gevent  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import pytest
 
-from nexus_gevent import _sqlite
+from nexus_gevent import _sqlite_thread
 from nexus_gevent.destinations import open_destination, sqlite_path
-from nexus_gevent.destinations._paging import decode_cursor, encode_cursor
+from nexus_gevent.destinations._sql import decode_cursor, encode_cursor
 from nexus_gevent.destinations.sqlite import SCHEMA_VERSION, SQLiteDestination, classify_sqlite_error
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
@@ -485,9 +485,9 @@ class TestEnableWal:
             if holder.in_transaction:
                 holder.execute("COMMIT")
 
-        monkeypatch.setattr(_sqlite, "_thread_sleep", pause)
+        monkeypatch.setattr(_sqlite_thread, "_thread_sleep", pause)
         try:
-            assert _sqlite.enable_wal(opener, timeout_s=5) == "wal"
+            assert _sqlite_thread.enable_wal(opener, timeout_s=5) == "wal"
         finally:
             opener.close()
             holder.close()
@@ -500,10 +500,10 @@ class TestEnableWal:
         holder.execute("CREATE TABLE t (x)")
         holder.execute("BEGIN EXCLUSIVE")
         opener = sqlite3.connect(path, isolation_level=None, timeout=0)
-        monkeypatch.setattr(_sqlite, "_thread_sleep", lambda seconds: None)
+        monkeypatch.setattr(_sqlite_thread, "_thread_sleep", lambda seconds: None)
         try:
             with pytest.raises(sqlite3.OperationalError, match="locked"):
-                _sqlite.enable_wal(opener, timeout_s=0.05)
+                _sqlite_thread.enable_wal(opener, timeout_s=0.05)
         finally:
             opener.close()
             holder.close()

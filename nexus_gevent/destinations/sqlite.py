@@ -19,11 +19,11 @@ from typing import Any, TypeVar, cast
 
 from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-ignore]
 
-from .._sqlite import create_private_file, enable_wal
+from .._sqlite_thread import create_private_file, enable_wal
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
 from ._group_commit import GroupCommit
-from ._paging import Record, format_timestamp, page, page_query, page_start
+from ._sql import Record, format_timestamp, page, page_query, page_start
 
 _T = TypeVar("_T")
 
