@@ -26,7 +26,7 @@ from psycopg.rows import TupleRow
 
 from ..entry import Entry
 from ..errors import ConfigError, DestinationError, DestinationUnavailable, EntryRejected
-from ._paging import Record, page, page_query, page_start
+from ._sql import Record, page, page_query, page_start
 
 Connection = psycopg.Connection[TupleRow]
 
