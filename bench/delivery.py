@@ -53,7 +53,7 @@ import orjson
 
 from nexus_gevent.datadir import WAL_DIRNAME
 from nexus_gevent.destinations import sqlite as sqlite_dest
-from nexus_gevent.destinations._paging import format_timestamp
+from nexus_gevent.destinations._sql import format_timestamp
 from nexus_gevent.entry import Entry
 from nexus_gevent.logs import configure_logging, get_logger
 from nexus_gevent.wal import Wal, claim

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._sqlite import SQLiteThread, transaction
+from ._sqlite_thread import SQLiteThread, transaction
 from .entry import Entry
 
 _SCHEMA = """
@@ -77,6 +77,8 @@ class DeadLetterStore:
 
     def __init__(self, path: Path) -> None:
         self._db = SQLiteThread(path, _setup)
+        # Opened now: a file that cannot be opened fails the worker's start, not a request.
+        self._db.open()
 
     def record(self, entry: Entry, error: str, attempts: int) -> None:
         """Store a dead letter durably; returns only after the commit is on disk."""

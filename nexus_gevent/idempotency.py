@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from ._sqlite import SQLiteThread, transaction
+from ._sqlite_thread import SQLiteThread, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -40,6 +40,8 @@ class IdempotencyIndex:
     def __init__(self, path: Path, *, window: float) -> None:
         self._window = window
         self._db = SQLiteThread(path, _setup)
+        # Opened now: a file that cannot be opened fails the worker's start, not a request.
+        self._db.open()
 
     def lookup(self, source: str, key: str) -> str | None:
         """The payload_id that owns this key, if it is still within the window."""

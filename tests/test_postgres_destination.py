@@ -21,7 +21,7 @@ import psycopg_pool
 import pytest
 
 from nexus_gevent.destinations import open_destination
-from nexus_gevent.destinations._paging import format_timestamp
+from nexus_gevent.destinations._sql import format_timestamp
 from nexus_gevent.destinations.postgres import (
     _WRITE_LOCK_KEY,
     SCHEMA_VERSION,

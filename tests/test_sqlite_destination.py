@@ -12,9 +12,9 @@ import gevent  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import pytest
 
-from nexus_gevent import _sqlite
+from nexus_gevent import _sqlite_thread
 from nexus_gevent.destinations import open_destination, sqlite_path
-from nexus_gevent.destinations._paging import decode_cursor, encode_cursor
+from nexus_gevent.destinations._sql import decode_cursor, encode_cursor
 from nexus_gevent.destinations.sqlite import SCHEMA_VERSION, SQLiteDestination, classify_sqlite_error
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
@@ -118,8 +118,8 @@ class TestSchema:
         try:
             d.probe()
 
-            def settings() -> tuple[object, ...]:
-                conn = d._connection()  # the connection lives in the pool thread
+            def settings(conn: sqlite3.Connection) -> tuple[object, ...]:
+                # Run in the destination's own thread, where the connection lives.
                 return tuple(conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("synchronous", "busy_timeout"))
 
             assert d._run(settings) == (2, 1234)  # 2 is FULL
@@ -485,9 +485,9 @@ class TestEnableWal:
             if holder.in_transaction:
                 holder.execute("COMMIT")
 
-        monkeypatch.setattr(_sqlite, "_thread_sleep", pause)
+        monkeypatch.setattr(_sqlite_thread, "_thread_sleep", pause)
         try:
-            assert _sqlite.enable_wal(opener, timeout_s=5) == "wal"
+            assert _sqlite_thread.enable_wal(opener, timeout_s=5) == "wal"
         finally:
             opener.close()
             holder.close()
@@ -500,10 +500,39 @@ class TestEnableWal:
         holder.execute("CREATE TABLE t (x)")
         holder.execute("BEGIN EXCLUSIVE")
         opener = sqlite3.connect(path, isolation_level=None, timeout=0)
-        monkeypatch.setattr(_sqlite, "_thread_sleep", lambda seconds: None)
+        monkeypatch.setattr(_sqlite_thread, "_thread_sleep", lambda seconds: None)
         try:
             with pytest.raises(sqlite3.OperationalError, match="locked"):
-                _sqlite.enable_wal(opener, timeout_s=0.05)
+                _sqlite_thread.enable_wal(opener, timeout_s=0.05)
         finally:
             opener.close()
             holder.close()
+
+
+class TestSQLiteThread:
+    """The one connection confined to its own OS thread, used by the destination, the key index and the dead letters."""
+
+    def test_close_twice_is_harmless_and_a_closed_thread_refuses_work(self, tmp_path: Path) -> None:
+        """close() a second time does nothing; run() after close raises as a closed sqlite3 connection does."""
+        thread = _sqlite_thread.SQLiteThread(tmp_path / "t.db", lambda conn: None)
+        assert thread.run(lambda conn: conn.execute("SELECT 1").fetchone()[0]) == 1
+        thread.close()
+        thread.close()
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            thread.run(lambda conn: None)
+
+    def test_an_open_failure_is_raised_as_open_error_makes_it_and_retried_on_the_next_run(self, tmp_path: Path) -> None:
+        """A file that cannot be opened raises open_error's exception, chained; once it can, the next run opens it."""
+        blocker = tmp_path / "dir"
+        blocker.write_text("a file where the folder should be")
+        thread = _sqlite_thread.SQLiteThread(
+            blocker / "t.db", lambda conn: None, open_error=lambda exc: DestinationUnavailable(str(exc))
+        )
+        try:
+            with pytest.raises(DestinationUnavailable) as info:
+                thread.open()
+            assert isinstance(info.value.__cause__, OSError)
+            blocker.unlink()
+            assert thread.run(lambda conn: conn.execute("SELECT 1").fetchone()[0]) == 1
+        finally:
+            thread.close()

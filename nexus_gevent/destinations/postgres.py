@@ -27,7 +27,7 @@ from psycopg.rows import TupleRow
 from .._json_limits import jsonb_refusal
 from ..entry import Entry
 from ..errors import ConfigError, DestinationError, DestinationUnavailable, EntryRejected
-from ._paging import Record, page, page_query, page_start
+from ._sql import Record, page, page_query, page_start
 
 Connection = psycopg.Connection[TupleRow]
 

@@ -1,35 +1,25 @@
 """The SQLite destination: the `nexus_entries` table in one local database file.
 
-Nothing in `sqlite3` yields to gevent: a statement, an fsync or SQLite's own busy
-wait would stall every greenlet of the worker. So every sqlite3 call runs in one
-dedicated OS thread (a `ThreadPool(1)`), and the connection is opened inside it,
-so it is only ever used by the thread that made it (`check_same_thread` stays on
-as a tripwire). Greenlets hand work over with `pool.apply`, which blocks only the
-calling greenlet.
+Every sqlite3 call runs in the connection's own OS thread (`SQLiteThread`): nothing
+in sqlite3 yields to gevent, and a statement, an fsync or SQLite's busy wait would
+otherwise stall every greenlet of the worker.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from gevent.threadpool import ThreadPool  # type: ignore[import-untyped, unused-ignore]
-
-from .._sqlite import create_private_file, enable_wal
+from .._sqlite_thread import DEFAULT_BUSY_TIMEOUT_MS, SQLiteThread, transaction
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
-from ._combine import WriteCombiner
-from ._paging import Record, format_timestamp, page, page_query, page_start
+from ._group_commit import GroupCommit
+from ._sql import Record, format_timestamp, page, page_query, page_start
 
 _T = TypeVar("_T")
-
-DEFAULT_BUSY_TIMEOUT_MS = 5000
-
-#: One record of `GET /query`, with the contract's keys.
 
 # `seq` orders rows for cursor paging. The contract fixes `payload_id` (text) as the
 # primary key, so no INTEGER PRIMARY KEY can alias the rowid, and VACUUM may renumber
@@ -147,21 +137,24 @@ def classify_sqlite_error(exc: Exception) -> DestinationError:
 class SQLiteDestination:
     """A Destination storing entries in `nexus_entries` of one SQLite file.
 
-    Build it in the process that uses it (after gunicorn's fork): its thread pool
-    belongs to the hub of the thread that creates it. The file is opened lazily, on
-    the first call, so a database that is missing at startup reads as "unavailable"
-    (probe, /ready) instead of failing the worker.
+    Build it in the process that uses it (after gunicorn's fork): its thread belongs
+    to the hub of the thread that creates it. The file is opened lazily, on the first
+    call, so a database that is missing at startup reads as "unavailable" (probe,
+    /ready) instead of failing the worker.
     """
 
     def __init__(self, name: str, path: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
         self._name = name
         self._path = path
-        self._busy_timeout_ms = busy_timeout_ms
-        self._pool = ThreadPool(1)
         self._closed = False
-        self._combiner = WriteCombiner(self._write_batch, DestinationUnavailable)
-        # Touched only inside the pool's thread.
-        self._conn: sqlite3.Connection | None = None
+        self._thread = SQLiteThread(
+            Path(path),
+            _prepare,
+            busy_timeout_ms=busy_timeout_ms,
+            # Whatever stops the file from opening, the entries are not at fault.
+            open_error=lambda exc: DestinationUnavailable(f"sqlite: cannot open {path!r}: {exc}"),
+        )
+        self._group_commit = GroupCommit(self._write_batch, DestinationUnavailable)
 
     @property
     def name(self) -> str:
@@ -176,15 +169,15 @@ class SQLiteDestination:
     def write(self, entries: Sequence[Entry]) -> None:
         """Store all of `entries` in one durable transaction; a payload_id already stored is skipped."""
         if entries:
-            self._combiner.write(entries)
+            self._group_commit.write(entries)
 
     def unstorable(self, payload: bytes, value: object) -> str | None:
         """SQLite keeps the JSON text as sent: any object within the ingest limits can be stored."""
         return None
 
     def probe(self) -> None:
-        """Open the file if needed and run `SELECT 1`; DestinationUnavailable on any failure."""
-        self._run(self._probe_in_thread)
+        """Open the file if needed and take the write lock for a moment; DestinationUnavailable on any failure."""
+        self._run(_probe)
 
     def query(
         self,
@@ -198,7 +191,7 @@ class SQLiteDestination:
         `next` is None when no row follows the page. A malformed `after` raises ValueError.
         """
         after_seq = page_start(limit, after)
-        return self._run(self._query_in_thread, source, subject, limit, after_seq)
+        return self._run(lambda conn: self._query_in_thread(conn, source, subject, limit, after_seq))
 
     def count(self) -> int:
         """The number of rows stored for this destination."""
@@ -209,48 +202,25 @@ class SQLiteDestination:
         if self._closed:
             return
         self._closed = True
-        self._combiner.fail_waiting(DestinationUnavailable(f"destination {self._name!r} is closed"))
-        try:
-            self._apply(self._close_in_thread)
-        finally:
-            self._pool.kill()
+        self._group_commit.fail_waiting(DestinationUnavailable(f"destination {self._name!r} is closed"))
+        self._thread.close()
 
     # -- greenlet side -------------------------------------------------------------
 
     def _write_batch(self, entries: list[Entry]) -> None:
-        self._run(self._write_in_thread, entries)
+        # A write whose caller was killed while waiting still commits in the thread:
+        # harmless, since the WAL keeps the entries PENDING and the redelivery skips
+        # the known payload_ids.
+        self._run(lambda conn: self._write_in_thread(conn, entries))
 
-    def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+    def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
             raise DestinationUnavailable(f"destination {self._name!r} is closed")
-        return self._apply(fn, *args)
+        return self._thread.run(fn)
 
-    def _apply(self, fn: Callable[..., _T], *args: object) -> _T:
-        # Exceptions come back as values and are raised here: one raised inside a pool
-        # task is also printed, with its traceback, by the hub's error handler, and
-        # "database is locked" is an expected outcome, not a crash to log.
-        # If the calling greenlet is killed while waiting, the task still finishes in
-        # the thread; a write that commits unseen is harmless, since the WAL keeps the
-        # entry PENDING and the redelivery skips the known payload_id.
-        value, error = self._pool.apply(_capture, (fn, args))
-        if error is not None:
-            raise error
-        return cast(_T, value)
+    # -- the connection's thread ---------------------------------------------------
 
-    # -- pool thread side ----------------------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None:
-            return self._conn
-        try:
-            self._conn = _open(self._path, self._busy_timeout_ms)
-        except Exception as exc:
-            # Whatever stops the file from opening, the entries are not at fault.
-            raise DestinationUnavailable(f"sqlite: cannot open {self._path!r}: {exc}") from exc
-        return self._conn
-
-    def _write_in_thread(self, entries: list[Entry]) -> None:
-        conn = self._connection()
+    def _write_in_thread(self, conn: sqlite3.Connection, entries: list[Entry]) -> None:
         try:
             # Decoded before taking the write lock, to hold it no longer than needed.
             # `destination` is this destination's name rather than the entry's own field
@@ -268,84 +238,57 @@ class SQLiteDestination:
                 )
                 for e in entries
             ]
-            # IMMEDIATE takes the write lock up front, so waiting for it goes through
-            # busy_timeout instead of failing at once on a stale read snapshot, and
-            # MAX(seq) and delivered_at are read while no one else can commit.
-            conn.execute("BEGIN IMMEDIATE")
-            delivered_at = format_timestamp(time.time())
-            conn.executemany(_INSERT, [(*row, delivered_at) for row in rows])
+
+            def insert(locked: sqlite3.Connection) -> None:
+                # MAX(seq) and delivered_at are read while no one else can commit.
+                delivered_at = format_timestamp(time.time())
+                locked.executemany(_INSERT, [(*row, delivered_at) for row in rows])
+
             # synchronous=FULL: COMMIT returns only once the WAL is fsynced, which is
             # what lets the caller mark the entries DELIVERED.
-            conn.execute("COMMIT")
+            transaction(conn, insert)
         except Exception as exc:
-            _rollback_quietly(conn)
             raise classify_sqlite_error(exc) from exc
 
-    def _probe_in_thread(self) -> None:
-        conn = self._connection()
-        try:
-            # A write lock, not a read: SELECT succeeds while another connection holds
-            # the database locked, and delivery would flap between probe and write.
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            raise DestinationUnavailable(f"sqlite: probe failed: {exc}") from exc
-
     def _query_in_thread(
-        self, source: str | None, subject: str | None, limit: int, after_seq: int
+        self, conn: sqlite3.Connection, source: str | None, subject: str | None, limit: int, after_seq: int
     ) -> tuple[list[Record], str | None]:
         sql, params = page_query(
             "?", "payload", destination=self._name, after_seq=after_seq, source=source, subject=subject, limit=limit
         )
-        return page(self._read(sql, params), limit, str)
+        return page(_read(conn, sql, params), limit, str)
 
-    def _count_in_thread(self) -> int:
-        rows = self._read("SELECT COUNT(*) FROM nexus_entries WHERE destination = ?", [self._name])
+    def _count_in_thread(self, conn: sqlite3.Connection) -> int:
+        rows = _read(conn, "SELECT COUNT(*) FROM nexus_entries WHERE destination = ?", [self._name])
         count: int = rows[0][0]
         return count
 
-    def _read(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
-        conn = self._connection()
-        try:
-            return conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            classified = classify_sqlite_error(exc)
-            if isinstance(classified, DestinationUnavailable):
-                raise classified from exc
-            raise
 
-    def _close_in_thread(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
-
-
-def _capture(fn: Callable[..., _T], args: tuple[object, ...]) -> tuple[_T | None, Exception | None]:
+def _probe(conn: sqlite3.Connection) -> None:
     try:
-        return fn(*args), None
-    except Exception as exc:
-        return None, exc
+        # A write lock, not a read: SELECT succeeds while another connection holds
+        # the database locked, and delivery would flap between probe and write.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise DestinationUnavailable(f"sqlite: probe failed: {exc}") from exc
 
 
-def _open(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
-    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    create_private_file(Path(path))
-    # isolation_level=None: the module opens no transactions of its own; this code
-    # issues BEGIN IMMEDIATE / COMMIT itself.
-    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+def _read(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
     try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        mode = enable_wal(conn, busy_timeout_ms / 1000)
-        if mode.lower() != "wal":
-            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
-        # FULL, not WAL's usual NORMAL: NORMAL may lose the last commits on power loss,
-        # and a commit must be durable before the WAL marks its entries DELIVERED.
-        conn.execute("PRAGMA synchronous = FULL")
-        migrate(conn)
-    except BaseException:
-        conn.close()
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.Error as exc:
+        classified = classify_sqlite_error(exc)
+        if isinstance(classified, DestinationUnavailable):
+            raise classified from exc
         raise
-    return conn
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
+    migrate(conn)
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -355,30 +298,20 @@ def migrate(conn: sqlite3.Connection) -> None:
     """
     if _user_version(conn) == SCHEMA_VERSION:
         return  # the common case, without taking the write lock
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        # Read again under the lock: another worker may have migrated meanwhile.
-        current = _user_version(conn)
-        if current > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"schema version {current} is newer than this code's {SCHEMA_VERSION}")
-        for version in range(current, SCHEMA_VERSION):
-            for statement in MIGRATIONS[version]:
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback_quietly(conn)
-        raise
+    transaction(conn, _migrate_locked)
+
+
+def _migrate_locked(conn: sqlite3.Connection) -> None:
+    # Read again under the lock: another worker may have migrated meanwhile.
+    current = _user_version(conn)
+    if current > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(f"schema version {current} is newer than this code's {SCHEMA_VERSION}")
+    for version in range(current, SCHEMA_VERSION):
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _user_version(conn: sqlite3.Connection) -> int:
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     return version
-
-
-def _rollback_quietly(conn: sqlite3.Connection) -> None:
-    # The original error is what the caller needs; a failing ROLLBACK adds nothing,
-    # and SQLite rolls an interrupted transaction back on the next open anyway.
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")

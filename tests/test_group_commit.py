@@ -1,4 +1,4 @@
-"""WriteCombiner: batches that arrive during a write share the next one, and keep their own outcome."""
+"""GroupCommit: batches that arrive during a write share the next one, and keep their own outcome."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import gevent
 import gevent.event
 import pytest
 
-from nexus_gevent.destinations._combine import WriteCombiner
+from nexus_gevent.destinations._group_commit import GroupCommit
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import DestinationUnavailable, EntryRejected
 
@@ -43,18 +43,18 @@ class GatedWriter:
 Writes: TypeAlias = "list[gevent.Greenlet[..., None]]"
 
 
-def line_up(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> Writes:
+def line_up(group_commit: GroupCommit, writer: GatedWriter, batches: list[list[str]]) -> Writes:
     """The first batch starts writing (and is held there); the others then wait behind it."""
-    first = gevent.spawn(combiner.write, [entry(i) for i in batches[0]])
+    first = gevent.spawn(group_commit.write, [entry(i) for i in batches[0]])
     writer.started.wait(timeout=5)
-    rest = [gevent.spawn(combiner.write, [entry(i) for i in batch]) for batch in batches[1:]]
+    rest = [gevent.spawn(group_commit.write, [entry(i) for i in batch]) for batch in batches[1:]]
     gevent.sleep(0)  # one turn of the loop: each runs until it waits behind the write in progress
     return [first, *rest]
 
 
-def spawn_writes(combiner: WriteCombiner, writer: GatedWriter, batches: list[list[str]]) -> Writes:
+def spawn_writes(group_commit: GroupCommit, writer: GatedWriter, batches: list[list[str]]) -> Writes:
     """The first batch starts writing; the others arrive while it is in progress; all are let through."""
-    greenlets = line_up(combiner, writer, batches)
+    greenlets = line_up(group_commit, writer, batches)
     writer.release.set()
     gevent.joinall(greenlets, timeout=5)
     assert all(g.ready() for g in greenlets)
@@ -64,9 +64,9 @@ def spawn_writes(combiner: WriteCombiner, writer: GatedWriter, batches: list[lis
 def test_batches_arriving_during_a_write_share_the_next_write() -> None:
     """Three batches that arrive while one is written go out together, in one call; every caller returns."""
     writer = GatedWriter()
-    combiner = WriteCombiner(writer, DestinationUnavailable)
+    group_commit = GroupCommit(writer, DestinationUnavailable)
 
-    greenlets = spawn_writes(combiner, writer, [["a"], ["b"], ["c", "d"], ["e"]])
+    greenlets = spawn_writes(group_commit, writer, [["a"], ["b"], ["c", "d"], ["e"]])
 
     assert writer.calls == [["a"], ["b", "c", "d", "e"]]
     assert all(g.successful() for g in greenlets)
@@ -75,9 +75,9 @@ def test_batches_arriving_during_a_write_share_the_next_write() -> None:
 def test_a_bad_entry_fails_only_its_own_batch() -> None:
     """When a combined write is refused, each batch is written alone and only the bad one's caller sees the error."""
     writer = GatedWriter(fail={"c"})
-    combiner = WriteCombiner(writer, DestinationUnavailable)
+    group_commit = GroupCommit(writer, DestinationUnavailable)
 
-    first, ok_before, bad, ok_after = spawn_writes(combiner, writer, [["a"], ["b"], ["c"], ["d"]])
+    first, ok_before, bad, ok_after = spawn_writes(group_commit, writer, [["a"], ["b"], ["c"], ["d"]])
 
     assert writer.calls == [["a"], ["b", "c", "d"], ["b"], ["c"], ["d"]]
     assert [first.successful(), ok_before.successful(), ok_after.successful()] == [True, True, True]
@@ -87,9 +87,9 @@ def test_a_bad_entry_fails_only_its_own_batch() -> None:
 def test_an_outage_fails_every_combined_batch_without_retrying_them_alone() -> None:
     """An outage during a combined write answers every batch with it, and nothing is written again."""
     writer = GatedWriter(outage=True)
-    combiner = WriteCombiner(writer, DestinationUnavailable)
+    group_commit = GroupCommit(writer, DestinationUnavailable)
 
-    greenlets = spawn_writes(combiner, writer, [["a"], ["b"], ["c"]])
+    greenlets = spawn_writes(group_commit, writer, [["a"], ["b"], ["c"]])
 
     assert writer.calls == [["a"], ["b", "c"]]
     assert all(isinstance(g.exception, DestinationUnavailable) for g in greenlets)
@@ -98,8 +98,8 @@ def test_an_outage_fails_every_combined_batch_without_retrying_them_alone() -> N
 def test_a_caller_killed_while_waiting_does_not_stop_the_others() -> None:
     """A waiting caller that is killed (a drain out of time) leaves the write to go on for everyone else."""
     writer = GatedWriter()
-    combiner = WriteCombiner(writer, DestinationUnavailable)
-    first, doomed, survivor = line_up(combiner, writer, [["a"], ["b"], ["c"]])
+    group_commit = GroupCommit(writer, DestinationUnavailable)
+    first, doomed, survivor = line_up(group_commit, writer, [["a"], ["b"], ["c"]])
 
     doomed.kill()
     writer.release.set()
@@ -112,10 +112,10 @@ def test_a_caller_killed_while_waiting_does_not_stop_the_others() -> None:
 def test_waiting_batches_are_answered_when_the_destination_closes() -> None:
     """fail_waiting answers every batch still in line, so no caller waits forever on a closed destination."""
     writer = GatedWriter()
-    combiner = WriteCombiner(writer, DestinationUnavailable)
-    first, waiting = line_up(combiner, writer, [["a"], ["b"]])
+    group_commit = GroupCommit(writer, DestinationUnavailable)
+    first, waiting = line_up(group_commit, writer, [["a"], ["b"]])
 
-    combiner.fail_waiting(DestinationUnavailable("closed"))
+    group_commit.fail_waiting(DestinationUnavailable("closed"))
     writer.release.set()
     gevent.joinall([first, waiting], timeout=5)
 
@@ -128,16 +128,16 @@ def test_waiting_batches_are_answered_when_the_destination_closes() -> None:
 def test_a_committer_killed_mid_write_answers_every_batch_and_the_next_write_goes_on() -> None:
     """Killed during a write, the committer answers the batch in flight and those behind it as an outage."""
     writer = GatedWriter()
-    combiner = WriteCombiner(writer, DestinationUnavailable)
-    in_flight, behind = line_up(combiner, writer, [["a"], ["b"]])
+    group_commit = GroupCommit(writer, DestinationUnavailable)
+    in_flight, behind = line_up(group_commit, writer, [["a"], ["b"]])
 
-    assert combiner._committer is not None
-    combiner._committer.kill()
+    assert group_commit._committer is not None
+    group_commit._committer.kill()
     gevent.joinall([in_flight, behind], timeout=5)
 
     assert isinstance(in_flight.exception, DestinationUnavailable)
     assert isinstance(behind.exception, DestinationUnavailable)
     # A later write starts a committer of its own and is stored.
     writer.release.set()
-    combiner.write([entry("c")])
+    group_commit.write([entry("c")])
     assert writer.calls[-1] == ["c"]

@@ -1,4 +1,4 @@
-"""Concurrent batches for a single-writer destination, written in one transaction.
+"""Group commit for a single-writer destination: batches that arrive during a write share the next transaction.
 
 The queue's delivery greenlets write concurrently, but SQLite has one writer: their
 batches wait in line for its thread anyway. Written together they share one
@@ -26,8 +26,8 @@ class _Job:
         self.error: BaseException | None = None
 
 
-class WriteCombiner:
-    """Combines the batches that arrive while a write is in progress into the next write.
+class GroupCommit:
+    """Writes the batches that arrive while a write is in progress together, in the next write.
 
     Each caller still gets its own batch's outcome. When a combined write fails for
     any reason but an outage, every batch is written again alone, so a bad entry
