@@ -79,6 +79,8 @@ DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
 #: Seconds a request body may take to arrive: a client that stops sending must not hold
 #: its connection (and a share of the worker) for ever; 30 s is generous for 1 MiB.
 DEFAULT_BODY_TIMEOUT = 30.0
+#: A /query page holds at most this many payload bytes (and at least one record).
+DEFAULT_QUERY_PAGE_BYTES = 16 * 1024 * 1024
 
 DEFAULT_NAME = "default"
 ADMIN_TOKEN_FILENAME = "admin-token"  # noqa: S105 -- a file name, not a secret
@@ -108,6 +110,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "metrics_public",
         "idempotency_window",
         "body_timeout",
+        "query_page_bytes",
         "wal_segment_bytes",
         "rate_limit_per_second",
         "rate_limit_burst",
@@ -179,6 +182,7 @@ class Settings:
     idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
     #: 0 turns the body timeout off.
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    query_page_bytes: int = DEFAULT_QUERY_PAGE_BYTES
     wal_segment_bytes: int = DEFAULT_SEGMENT_BYTES
     #: Token files this load generated or read, so the service can log where
     #: a token is kept (never the token itself).
@@ -229,6 +233,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     max_body_bytes = layers.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
     idempotency_window = layers.seconds("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
     body_timeout = layers.seconds("body_timeout", DEFAULT_BODY_TIMEOUT)
+    query_page_bytes = layers.integer("query_page_bytes", DEFAULT_QUERY_PAGE_BYTES, minimum=1)
     wal_segment_bytes = layers.integer("wal_segment_bytes", DEFAULT_SEGMENT_BYTES, minimum=1)
     shed_policy: ShedPolicy = layers.read("shed_policy", "durable", _shed_policy)
     log_level = layers.read("log_level", "INFO", _log_level)
@@ -274,6 +279,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         metrics_public=metrics_public,
         idempotency_window=idempotency_window,
         body_timeout=body_timeout,
+        query_page_bytes=query_page_bytes,
         wal_segment_bytes=wal_segment_bytes,
         generated_secrets=tuple(touched),
     )

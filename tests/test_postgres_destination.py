@@ -534,10 +534,36 @@ class TestQuery:
             "delivered_at",
             "payload",
         }
-        assert record["payload"] == {"nested": {"k": [1, 2]}, "u": "é"}
+        assert orjson.loads(orjson.dumps(record["payload"])) == {"nested": {"k": [1, 2]}, "u": "é"}
         assert record["received_at"] == format_timestamp(entry.received_at)
         assert TIMESTAMP.fullmatch(str(record["delivered_at"]))
         assert (record["subject"], record["idempotency_key"]) == ("s", "key-7")
+
+    def test_payloads_are_read_back_as_stored_text_with_every_digit(self, dest: PostgresDestination) -> None:
+        """Integers past 64 bits come back exactly: the JSONB text is handed on, never decoded to floats."""
+        dest.write([make_entry(1, payload=b'{"id": 18446744073709551617, "x": 12345678901234567890123}')])
+        records, _ = dest.query()
+        text = orjson.dumps(records)
+        assert b"18446744073709551617" in text
+        assert b"12345678901234567890123" in text
+
+    def test_a_page_is_cut_by_its_byte_budget(self, dest: PostgresDestination) -> None:
+        """Records of 300 kB with a 1 MB budget come three to a page, and the cursor goes on from there."""
+        dest.write([make_entry(i, payload=b'{"pad": "' + b"p" * 300_000 + b'"}') for i in range(7)])
+        pages: list[int] = []
+        cursor: str | None = None
+        while True:
+            records, cursor = dest.query(limit=1000, after=cursor, max_bytes=1_000_000)
+            pages.append(len(records))
+            if cursor is None:
+                break
+        assert pages == [3, 3, 1]
+
+    def test_sources_keep_only_those_sources_records(self, dest: PostgresDestination) -> None:
+        """query(sources=[...]) reads the rows of those sources only; an empty list reads nothing."""
+        dest.write([make_entry(1, source="a"), make_entry(2, source="b"), make_entry(3, source="c")])
+        assert [r["source"] for r in dest.query(sources=["a", "c"])[0]] == ["a", "c"]
+        assert dest.query(sources=[])[0] == []
 
     def test_only_this_destinations_rows(self, dest: PostgresDestination, postgres_db_url: str) -> None:
         """Two destinations sharing a database each see only their own rows."""

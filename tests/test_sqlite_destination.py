@@ -409,7 +409,7 @@ class TestQuery:
             "delivered_at",
             "payload",
         }
-        assert record["payload"] == {"n": 1}
+        assert orjson.loads(orjson.dumps(record["payload"])) == {"n": 1}
         assert record["source"] == "web"
         assert record["subject"] == "s"
         assert record["idempotency_key"] == "key-1"
@@ -420,11 +420,11 @@ class TestQuery:
         """source and subject narrow the rows, alone or together, and paging still works."""
         dest.write([make_entry(i, source="a" if i % 2 else "b", subject="x" if i % 3 else None) for i in range(30)])
 
-        def all_ids(**filters: str) -> list[str]:
+        def all_ids(source: str | None = None, subject: str | None = None) -> list[str]:
             ids: list[str] = []
             cursor: str | None = None
             while True:
-                records, cursor = dest.query(limit=4, after=cursor, **filters)
+                records, cursor = dest.query(source=source, subject=subject, limit=4, after=cursor)
                 ids.extend(str(r["payload_id"]) for r in records)
                 if cursor is None:
                     return ids

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
@@ -27,11 +27,19 @@ class Queryable(Protocol):
     """A destination that can list what it stored, for GET /query/{destination}."""
 
     def query(
-        self, source: str | None = None, subject: str | None = None, limit: int = 50, after: str | None = None
+        self,
+        source: str | None = None,
+        subject: str | None = None,
+        limit: int = 50,
+        after: str | None = None,
+        *,
+        sources: Sequence[str] | None = None,
+        max_bytes: int = ...,
     ) -> tuple[list[dict[str, object]], str | None]:
-        """Records oldest first, and the cursor of the next page (None at the end).
+        """Records oldest first (at most `limit`, and `max_bytes` of payloads), and the next page's cursor.
 
-        Raises ValueError for a malformed cursor.
+        `sources` (None: all) keeps only those sources' records. Raises ValueError for a
+        malformed cursor.
         """
         ...
 

@@ -24,8 +24,13 @@ from ..errors import DestinationError, DestinationUnavailable
 
 _T = TypeVar("_T")
 
-#: One record of GET /query, with the contract's keys.
+#: One record of GET /query, with the API's keys.
 Record = dict[str, object]
+
+#: A page of GET /query holds at most this many payload bytes (and at least one record),
+#: whatever its `limit`: records of up to 1 MiB each would otherwise make a page of 1000
+#: cost a gigabyte. The `next` cursor continues where the budget cut the page.
+DEFAULT_PAGE_BYTES = 16 * 1024 * 1024
 
 
 #: UTC ISO-8601 with microseconds and 'Z', e.g. 2026-11-28T06:24:10.123456Z.
@@ -88,34 +93,72 @@ class Dialect:
     mark: str
     #: The payload column, read as JSON text.
     payload: str
+    #: The payload's size in bytes, computed by the database.
+    payload_bytes: str
     #: A stored timestamp, as the driver returns it, in format_timestamp's form.
     timestamp: Callable[[Any], str]
 
 
-def page_query(
-    dialect: Dialect, *, destination: str, after_seq: int, source: str | None, subject: str | None, limit: int
-) -> tuple[str, list[object]]:
-    """The SELECT of one page, in the dialect's spelling, and its parameters."""
-    mark = dialect.mark
-    sql = [
-        "SELECT seq, payload_id, source, subject, idempotency_key, received_at, delivered_at,",
-        f"{dialect.payload} FROM nexus_entries WHERE destination = {mark} AND seq > {mark}",
-    ]
-    params: list[object] = [destination, after_seq]
-    if source is not None:
-        sql.append(f"AND source = {mark}")
-        params.append(source)
-    if subject is not None:
-        sql.append(f"AND subject = {mark}")
-        params.append(subject)
+@dataclass(frozen=True, slots=True)
+class PageFilter:
+    """Which rows a page reads: one destination's, after a seq, optionally by sources and subject."""
+
+    destination: str
+    after_seq: int
+    #: None: every source's records (the admin); otherwise only these sources'.
+    sources: Sequence[str] | None
+    subject: str | None
+
+    def where(self, mark: str) -> tuple[str, list[object]]:
+        """The WHERE clause, in the dialect's placeholder, and its parameters."""
+        sql = [f"WHERE destination = {mark} AND seq > {mark}"]
+        params: list[object] = [self.destination, self.after_seq]
+        if self.sources is not None:
+            sql.append(f"AND source IN ({', '.join([mark] * len(self.sources))})" if self.sources else "AND 0 = 1")
+            params.extend(self.sources)
+        if self.subject is not None:
+            sql.append(f"AND subject = {mark}")
+            params.append(self.subject)
+        return " ".join(sql), params
+
+
+def sizes_query(dialect: Dialect, where: PageFilter, limit: int) -> tuple[str, list[object]]:
+    """The seq and payload size of up to limit + 1 rows: where a page ends, without reading a payload."""
+    clause, params = where.where(dialect.mark)
     # One row more than asked tells whether a next page exists.
-    sql.append(f"ORDER BY seq LIMIT {mark}")
-    params.append(limit + 1)
-    return " ".join(sql), params
+    sql = f"SELECT seq, {dialect.payload_bytes} FROM nexus_entries {clause} ORDER BY seq LIMIT {dialect.mark}"
+    return sql, [*params, limit + 1]
 
 
-def page(rows: Sequence[Sequence[Any]], limit: int, timestamp: Callable[[Any], str]) -> tuple[list[Record], str | None]:
-    """The records of a page read with page_query, and the cursor of the next page (None at the end)."""
+def rows_query(dialect: Dialect, where: PageFilter, last_seq: int) -> tuple[str, list[object]]:
+    """The rows of a page that ends at `last_seq`."""
+    clause, params = where.where(dialect.mark)
+    sql = (
+        "SELECT seq, payload_id, source, subject, idempotency_key, received_at, delivered_at, "
+        f"{dialect.payload} FROM nexus_entries {clause} AND seq <= {dialect.mark} ORDER BY seq"
+    )
+    return sql, [*params, last_seq]
+
+
+def page_end(sizes: Sequence[Sequence[Any]], limit: int, max_bytes: int) -> tuple[int, bool]:
+    """How many rows the page takes (at least one), and whether rows follow it."""
+    taken = 0
+    total = 0
+    for _, size in sizes[:limit]:
+        total += int(size)
+        if taken and total > max_bytes:
+            break
+        taken += 1
+    return taken, taken < len(sizes)
+
+
+def page(rows: Sequence[Sequence[Any]], more: bool, timestamp: Callable[[Any], str]) -> tuple[list[Record], str | None]:
+    """The records of a page read with rows_query, and the cursor of the next page (None at the end).
+
+    Each payload is handed back as the JSON text the destination holds, never decoded
+    and encoded again: a number keeps every digit, and any nesting a destination
+    stored can be read back.
+    """
     records: list[Record] = [
         {
             "payload_id": payload_id,
@@ -124,11 +167,11 @@ def page(rows: Sequence[Sequence[Any]], limit: int, timestamp: Callable[[Any], s
             "idempotency_key": key,
             "received_at": timestamp(received_at),
             "delivered_at": timestamp(delivered_at),
-            "payload": orjson.loads(payload),
+            "payload": orjson.Fragment(payload),
         }
-        for _, payload_id, source, subject, key, received_at, delivered_at, payload in rows[:limit]
+        for _, payload_id, source, subject, key, received_at, delivered_at, payload in rows
     ]
-    next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
+    next_cursor = encode_cursor(rows[-1][0]) if more and rows else None
     return records, next_cursor
 
 
@@ -169,16 +212,32 @@ class EntryTable(ABC):
         subject: str | None = None,
         limit: int = 50,
         after: str | None = None,
+        *,
+        sources: Sequence[str] | None = None,
+        max_bytes: int = DEFAULT_PAGE_BYTES,
     ) -> tuple[list[Record], str | None]:
         """One page of this destination's rows, oldest first, and the cursor of the next page.
 
-        `next` is None when no row follows the page. A malformed `after` raises ValueError.
+        `source` keeps one source's rows, `sources` those of any of them (both: both
+        hold). A page ends after `limit` rows or once its payloads pass `max_bytes`,
+        whichever comes first, and holds at least one row. `next` is None when no row
+        follows the page. A malformed `after` raises ValueError.
         """
         after_seq = page_start(limit, after)
-        sql, params = page_query(
-            self._dialect, destination=self._name, after_seq=after_seq, source=source, subject=subject, limit=limit
-        )
-        return self._reading(lambda fetch: page(fetch(sql, params), limit, self._dialect.timestamp))
+        if source is not None:
+            sources = [source] if sources is None or source in sources else []
+        where = PageFilter(self._name, after_seq, sources, subject)
+        sizes_sql, sizes_params = sizes_query(self._dialect, where, limit)
+
+        def read(fetch: Fetch) -> tuple[list[Record], str | None]:
+            sizes = fetch(sizes_sql, sizes_params)
+            taken, more = page_end(sizes, limit, max_bytes)
+            if not taken:
+                return [], None
+            sql, params = rows_query(self._dialect, where, int(sizes[taken - 1][0]))
+            return page(fetch(sql, params), more, self._dialect.timestamp)
+
+        return self._reading(read)
 
     def count(self) -> int:
         """The number of rows stored for this destination."""

@@ -235,7 +235,9 @@ def psycopg_blocks_the_hub() -> bool:
 
 
 # jsonb read back as text: parsed once, by the shared reads, like SQLite's.
-_DIALECT = Dialect(mark="%s", payload="payload::text", timestamp=format_datetime)
+_DIALECT = Dialect(
+    mark="%s", payload="payload::text", payload_bytes="octet_length(payload::text)", timestamp=format_datetime
+)
 
 
 class PostgresDestination(EntryTable):

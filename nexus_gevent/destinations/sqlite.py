@@ -136,7 +136,7 @@ def classify_sqlite_error(exc: Exception) -> DestinationError:
 
 
 # Timestamps are stored as format_timestamp's text already.
-_DIALECT = Dialect(mark="?", payload="payload", timestamp=str)
+_DIALECT = Dialect(mark="?", payload="payload", payload_bytes="length(CAST(payload AS BLOB))", timestamp=str)
 
 
 class SQLiteDestination(EntryTable):
