@@ -485,6 +485,17 @@ class TestIsolation:
         print(f"\nisolation: {timing}")
 
 
+def in_process_env(tmp_path: Path, postgres_url: str, **extra: str) -> dict[str, str]:
+    """The environment of one worker's service run in-process on `postgres_url`."""
+    return {
+        "NEXUS_DATA_DIR": str(tmp_path / "data"),
+        "NEXUS_TOKEN": TOKEN,
+        "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN,
+        "NEXUS_DESTINATION_URL": postgres_url,
+        **extra,
+    }
+
+
 @pytest.mark.postgres
 class TestPoisonEntry:
     """An entry PostgreSQL refuses uses up its attempts alone; its neighbours go straight through."""
@@ -494,14 +505,7 @@ class TestPoisonEntry:
     ) -> None:
         """An entry a CHECK constraint refuses, amid 100 others: dead letter after 3 writes; the 100 stored once."""
         # Given one worker's service (in-process) delivering to PostgreSQL with 3 attempts
-        env = {
-            "NEXUS_DATA_DIR": str(tmp_path / "data"),
-            "NEXUS_TOKEN": TOKEN,
-            "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN,
-            "NEXUS_DESTINATION_URL": postgres_db_url,
-            "NEXUS_MAX_ATTEMPTS": "3",
-            "NEXUS_INITIAL_BACKOFF": "0.05",
-        }
+        env = in_process_env(tmp_path, postgres_db_url, NEXUS_MAX_ATTEMPTS="3", NEXUS_INITIAL_BACKOFF="0.05")
         logger = RecordingLogger()
         service = lifecycle.assemble(load_settings(env), logger)
         service.start()
@@ -560,12 +564,7 @@ class TestUnstorableAtIngest:
         self, tmp_path: Path, postgres_db_url: str, body: bytes
     ) -> None:
         """NUL in a string or key, or a scale past 16383 digits: 400 invalid_body naming why; nothing in the WAL."""
-        env = {
-            "NEXUS_DATA_DIR": str(tmp_path / "data"),
-            "NEXUS_TOKEN": TOKEN,
-            "NEXUS_ADMIN_TOKEN": ADMIN_TOKEN,
-            "NEXUS_DESTINATION_URL": postgres_db_url,
-        }
+        env = in_process_env(tmp_path, postgres_db_url)
         logger = RecordingLogger()
         service = lifecycle.assemble(load_settings(env), logger)
         service.start()
