@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -26,7 +26,9 @@ from psycopg.rows import TupleRow
 
 from ..entry import Entry
 from ..errors import ConfigError, DestinationError, DestinationUnavailable, EntryRejected
-from ._sql import Record, page, page_query, page_start
+from ._sql import Dialect, EntryTable, Fetch, format_datetime, raise_if_outage
+
+_T = TypeVar("_T")
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -215,11 +217,6 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).partition("\n")[0]
 
 
-def format_datetime(value: datetime) -> str:
-    """UTC ISO-8601 with microseconds and 'Z', as the SQLite destination's format_timestamp."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def psycopg_blocks_the_hub() -> bool:
     """True when gevent has patched this process but psycopg chose its blocking wait.
 
@@ -235,7 +232,11 @@ def psycopg_blocks_the_hub() -> bool:
     return wait_c is not None and waiting.wait is wait_c
 
 
-class PostgresDestination:
+# payload::text: the shared reads parse the JSON themselves, as for SQLite, not psycopg's jsonb loader.
+_DIALECT = Dialect(mark="%s", payload="payload::text", timestamp=format_datetime)
+
+
+class PostgresDestination(EntryTable):
     """A Destination storing entries in `nexus_entries` of one PostgreSQL database.
 
     Build it in the process that uses it (after gunicorn's fork and gevent's patching).
@@ -265,7 +266,7 @@ class PostgresDestination:
             raise ConfigError(f"destination {name!r}: need 1 <= pool_min <= pool_max")
         if connect_timeout <= 0 or statement_timeout_ms <= 0:
             raise ConfigError(f"destination {name!r}: timeouts must be positive")
-        self._name = name
+        super().__init__(name, _DIALECT)
         self._connect_timeout = connect_timeout
         self._statement_timeout_ms = statement_timeout_ms
         self._closed = False
@@ -285,11 +286,6 @@ class PostgresDestination:
             reconnect_timeout=RECONNECT_TIMEOUT,
             name=f"nexus-{name}",
         )
-
-    @property
-    def name(self) -> str:
-        """The destination's configured name; rows carry it in `destination`."""
-        return self._name
 
     def write(self, entries: Sequence[Entry]) -> None:
         """Store all of `entries` in one durable transaction; a payload_id already stored is skipped."""
@@ -316,35 +312,6 @@ class PostgresDestination:
                 conn.execute("SELECT 1").fetchone()
         except Exception as exc:
             raise DestinationUnavailable(f"postgresql: probe failed: {_first_line(exc)}") from exc
-
-    def query(
-        self,
-        source: str | None = None,
-        subject: str | None = None,
-        limit: int = 50,
-        after: str | None = None,
-    ) -> tuple[list[Record], str | None]:
-        """One page of this destination's rows, oldest first, and the cursor of the next page.
-
-        `next` is None when no row follows the page. A malformed `after` raises ValueError.
-        """
-        after_seq = page_start(limit, after)
-        sql, params = page_query(
-            "%s",
-            "payload::text",
-            destination=self._name,
-            after_seq=after_seq,
-            source=source,
-            subject=subject,
-            limit=limit,
-        )
-        return page(self._read(sql, params), limit, format_datetime)
-
-    def count(self) -> int:
-        """The number of rows stored for this destination."""
-        rows = self._read("SELECT count(*) FROM nexus_entries WHERE destination = %s", [self._name])
-        count: int = rows[0][0]
-        return count
 
     def close(self) -> None:
         """Close every pooled connection and stop the pool's workers. Idempotent."""
@@ -396,16 +363,15 @@ class PostgresDestination:
             [e.payload.decode("utf-8") for e in entries],
         )
 
-    def _read(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+    def _reading(self, read: Callable[[Fetch], _T]) -> _T:
+        return read(self._fetch)
+
+    def _fetch(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         try:
             with self._connection() as conn:
                 return conn.execute(sql, params).fetchall()
-        except DestinationUnavailable:
-            raise
         except Exception as exc:
-            classified = classify_pg_error(exc)
-            if isinstance(classified, DestinationUnavailable):
-                raise classified from exc
+            raise_if_outage(exc, classify_pg_error)
             raise
 
 

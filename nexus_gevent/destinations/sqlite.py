@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ from .._sqlite_thread import DEFAULT_BUSY_TIMEOUT_MS, SQLiteThread, transaction
 from ..entry import Entry
 from ..errors import DestinationError, DestinationUnavailable, EntryRejected
 from ._group_commit import GroupCommit
-from ._sql import Record, format_timestamp, page, page_query, page_start
+from ._sql import Dialect, EntryTable, Fetch, format_timestamp, raise_if_outage
 
 _T = TypeVar("_T")
 
@@ -134,7 +135,11 @@ def classify_sqlite_error(exc: Exception) -> DestinationError:
     return EntryRejected(f"{type(exc).__name__}: {exc}")
 
 
-class SQLiteDestination:
+# Timestamps are stored as format_timestamp's text already.
+_DIALECT = Dialect(mark="?", payload="payload", timestamp=str)
+
+
+class SQLiteDestination(EntryTable):
     """A Destination storing entries in `nexus_entries` of one SQLite file.
 
     Build it in the process that uses it (after gunicorn's fork): its thread belongs
@@ -144,7 +149,7 @@ class SQLiteDestination:
     """
 
     def __init__(self, name: str, path: str, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
-        self._name = name
+        super().__init__(name, _DIALECT)
         self._path = path
         self._closed = False
         self._thread = SQLiteThread(
@@ -155,11 +160,6 @@ class SQLiteDestination:
             open_error=lambda exc: DestinationUnavailable(f"sqlite: cannot open {path!r}: {exc}"),
         )
         self._group_commit = GroupCommit(self._write_batch, DestinationUnavailable)
-
-    @property
-    def name(self) -> str:
-        """The destination's configured name; rows carry it in `destination`."""
-        return self._name
 
     @property
     def path(self) -> str:
@@ -174,24 +174,6 @@ class SQLiteDestination:
     def probe(self) -> None:
         """Open the file if needed and take the write lock for a moment; DestinationUnavailable on any failure."""
         self._run(_probe)
-
-    def query(
-        self,
-        source: str | None = None,
-        subject: str | None = None,
-        limit: int = 50,
-        after: str | None = None,
-    ) -> tuple[list[Record], str | None]:
-        """One page of this destination's rows, oldest first, and the cursor of the next page.
-
-        `next` is None when no row follows the page. A malformed `after` raises ValueError.
-        """
-        after_seq = page_start(limit, after)
-        return self._run(lambda conn: self._query_in_thread(conn, source, subject, limit, after_seq))
-
-    def count(self) -> int:
-        """The number of rows stored for this destination."""
-        return self._run(self._count_in_thread)
 
     def close(self) -> None:
         """Close the connection in its thread, then stop the thread. Idempotent."""
@@ -208,6 +190,11 @@ class SQLiteDestination:
         # harmless, since the WAL keeps the entries PENDING and the redelivery skips
         # the known payload_ids.
         self._run(lambda conn: self._write_in_thread(conn, entries))
+
+    def _reading(self, read: Callable[[Fetch], _T]) -> _T:
+        # The whole page is built in the thread, JSON parsing included, so a large
+        # page does not hold the hub.
+        return self._run(lambda conn: read(partial(_fetch, conn)))
 
     def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
@@ -246,19 +233,6 @@ class SQLiteDestination:
         except Exception as exc:
             raise classify_sqlite_error(exc) from exc
 
-    def _query_in_thread(
-        self, conn: sqlite3.Connection, source: str | None, subject: str | None, limit: int, after_seq: int
-    ) -> tuple[list[Record], str | None]:
-        sql, params = page_query(
-            "?", "payload", destination=self._name, after_seq=after_seq, source=source, subject=subject, limit=limit
-        )
-        return page(_read(conn, sql, params), limit, str)
-
-    def _count_in_thread(self, conn: sqlite3.Connection) -> int:
-        rows = _read(conn, "SELECT COUNT(*) FROM nexus_entries WHERE destination = ?", [self._name])
-        count: int = rows[0][0]
-        return count
-
 
 def _probe(conn: sqlite3.Connection) -> None:
     try:
@@ -270,13 +244,11 @@ def _probe(conn: sqlite3.Connection) -> None:
         raise DestinationUnavailable(f"sqlite: probe failed: {exc}") from exc
 
 
-def _read(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
     try:
         return conn.execute(sql, params).fetchall()
     except sqlite3.Error as exc:
-        classified = classify_sqlite_error(exc)
-        if isinstance(classified, DestinationUnavailable):
-            raise classified from exc
+        raise_if_outage(exc, classify_sqlite_error)
         raise
 
 
