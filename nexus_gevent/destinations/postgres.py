@@ -2,12 +2,13 @@
 
 Import this module only in a gunicorn worker, after gevent's monkey-patching:
 psycopg chooses, when it is first imported, whether its waits yield to the hub or block
-the whole process (python-stack-facts, PostgreSQL). `open_destination` imports it
-lazily for that reason, and `PostgresDestination` refuses to be built when the choice
-went the wrong way. psycopg_pool's workers and waits are cooperative under patching;
-the pool is built (unopened) in the constructor and opened on first use, so a server
-that is down at startup reads as "unavailable" (probe, /ready) instead of failing the
-worker.
+the whole process. Its fast C wait is never patched; it picks a `select`-based wait
+instead only if gevent has already patched `select` (or PSYCOPG_WAIT_FUNC names one).
+`open_destination` imports it lazily for that reason, and `PostgresDestination` refuses
+to be built when the choice went the wrong way. psycopg_pool's workers and waits are
+cooperative under patching; the pool is built (unopened) in the constructor and opened
+on first use, so a server that is down at startup reads as "unavailable" (probe, /ready)
+instead of failing the worker.
 """
 
 from __future__ import annotations
