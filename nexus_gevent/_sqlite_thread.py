@@ -78,8 +78,9 @@ class SQLiteThread:
     """One connection, one thread: `run(fn)` calls fn(connection) in that thread.
 
     The file is opened on the first `run` (or `open`), and again on the next one if
-    opening failed. An error raised by the open, by `prepare` or by `fn` reaches the
-    caller of `run` as it is, unless `open_error` turns an open failure into another.
+    opening failed; `prepare(connection)` finishes each open (schema, migrations). An
+    error raised by the open, by `prepare` or by `fn` reaches the caller of `run` as it
+    is, unless `open_error` turns an open failure into another.
     Build it in the process that uses it (after gunicorn's fork): its thread pool
     belongs to the hub of the thread that creates it.
     """

@@ -1,7 +1,8 @@
 """The idempotency index: (source, Idempotency-Key) -> the payload_id that owns it.
 
 Shared by every worker of the data directory (one SQLite file) and kept on disk, so a
-retry that lands on another worker, or comes after a restart, finds the original.
+retry that lands on another worker, or comes after a restart, finds the entry its first
+request wrote.
 
 The write path claims a key only after the entry is durable in the WAL. If two
 requests race, both entries are in the WAL but only the first claim wins; the

@@ -162,10 +162,6 @@ class MeteredDestination:
     def name(self) -> str:
         return self._inner.name
 
-    @property
-    def inner(self) -> Destination:
-        return self._inner
-
     def write(self, entries: Sequence[Entry]) -> None:
         self._attempts.inc(len(entries))
         try:

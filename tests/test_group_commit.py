@@ -11,10 +11,7 @@ import pytest
 from nexus_gevent.destinations._group_commit import GroupCommit
 from nexus_gevent.entry import Entry
 from nexus_gevent.errors import DestinationUnavailable, EntryRejected
-
-
-def entry(payload_id: str) -> Entry:
-    return Entry(payload_id, "default", "default", b"{}", 0.0, None, None)
+from nexus_gevent.testing import make_entry
 
 
 class GatedWriter:
@@ -45,9 +42,9 @@ Writes: TypeAlias = "list[gevent.Greenlet[..., None]]"
 
 def line_up(group_commit: GroupCommit, writer: GatedWriter, batches: list[list[str]]) -> Writes:
     """The first batch starts writing (and is held there); the others then wait behind it."""
-    first = gevent.spawn(group_commit.write, [entry(i) for i in batches[0]])
+    first = gevent.spawn(group_commit.write, [make_entry(i) for i in batches[0]])
     writer.started.wait(timeout=5)
-    rest = [gevent.spawn(group_commit.write, [entry(i) for i in batch]) for batch in batches[1:]]
+    rest = [gevent.spawn(group_commit.write, [make_entry(i) for i in batch]) for batch in batches[1:]]
     gevent.sleep(0)  # one turn of the loop: each runs until it waits behind the write in progress
     return [first, *rest]
 
@@ -139,5 +136,5 @@ def test_a_committer_killed_mid_write_answers_every_batch_and_the_next_write_goe
     assert isinstance(behind.exception, DestinationUnavailable)
     # A later write starts a committer of its own and is stored.
     writer.release.set()
-    group_commit.write([entry("c")])
+    group_commit.write([make_entry("c")])
     assert writer.calls[-1] == ["c"]

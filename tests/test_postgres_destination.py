@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -28,8 +27,8 @@ from nexus_gevent.destinations.postgres import (
     PostgresDestination,
     classify_pg_error,
 )
-from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
+from tests.support.destinations import DEST, RECORD_KEYS, TIMESTAMP, numbered_entry, page_through
 
 if TYPE_CHECKING:
     from tests.support.postgres import PostgresServer
@@ -39,31 +38,13 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.support.postgres"]
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
-DEST = "main"
 #: A JSON text that is valid JSON but cannot be stored as jsonb (SQLSTATE 22P05).
 NUL_ESCAPE_PAYLOAD = b'{"a":"x\\u0000y"}'
 #: Long enough for a pooled connection to come back after a restart, far above the few
 #: seconds that takes.
 RECOVERY_DEADLINE = 30.0
-
-
-def make_entry(
-    i: int,
-    *,
-    source: str = "default",
-    subject: str | None = None,
-    payload: bytes | None = None,
-) -> Entry:
-    return Entry(
-        payload_id=f"{i:032x}",
-        source=source,
-        destination=DEST,
-        payload=payload if payload is not None else orjson.dumps({"n": i}),
-        received_at=1_700_000_000.123456 + i,
-        subject=subject,
-        idempotency_key=f"key-{i}",
-    )
+#: Received times with microseconds, to see that timestamptz keeps them.
+RECEIVED_WITH_MICROSECONDS = 1_700_000_000.123456
 
 
 @pytest.fixture
@@ -167,7 +148,7 @@ class TestSchema:
         """A second destination on a migrated database migrates nothing and sees the rows."""
         first = PostgresDestination(DEST, postgres_db_url)
         try:
-            first.write([make_entry(1)])
+            first.write([numbered_entry(1)])
         finally:
             first.close()
         second = PostgresDestination(DEST, postgres_db_url)
@@ -183,7 +164,7 @@ class TestSchema:
         dests = [PostgresDestination(DEST, postgres_db_url) for _ in range(6)]
         try:
             with ThreadPoolExecutor(len(dests)) as pool:
-                list(pool.map(lambda d: d.write([make_entry(1)]), dests))
+                list(pool.map(lambda d: d.write([numbered_entry(1)]), dests))
         finally:
             for d in dests:
                 d.close()
@@ -201,7 +182,7 @@ class TestSchema:
         newer = PostgresDestination(DEST, postgres_db_url)
         try:
             with pytest.raises(DestinationUnavailable, match="newer"):
-                newer.write([make_entry(1)])
+                newer.write([numbered_entry(1)])
         finally:
             newer.close()
 
@@ -210,7 +191,10 @@ class TestSchema:
 class TestWrite:
     def test_batch_is_stored_with_every_field(self, dest: PostgresDestination, postgres_db_url: str) -> None:
         """Each entry becomes one row: its ids, this destination's name, its times in UTC and its payload."""
-        entries = [make_entry(1, subject="s"), make_entry(2)]
+        entries = [
+            numbered_entry(1, subject="s", received_base=RECEIVED_WITH_MICROSECONDS),
+            numbered_entry(2, received_base=RECEIVED_WITH_MICROSECONDS),
+        ]
         before = time.time()
         dest.write(entries)
         rows = fetch(
@@ -231,14 +215,14 @@ class TestWrite:
 
     def test_same_payload_id_twice_leaves_one_row(self, dest: PostgresDestination) -> None:
         """Writing a payload_id again, in a later batch or the same one, stores it once."""
-        dest.write([make_entry(1)])
-        dest.write([make_entry(1), make_entry(2), make_entry(2)])
+        dest.write([numbered_entry(1)])
+        dest.write([numbered_entry(1), numbered_entry(2), numbered_entry(2)])
         assert dest.count() == 2
 
     def test_redelivery_keeps_the_first_row(self, dest: PostgresDestination, postgres_db_url: str) -> None:
         """A redelivered payload_id does not overwrite what was stored first."""
-        dest.write([make_entry(1, payload=b'{"v":"first"}')])
-        dest.write([make_entry(1, payload=b'{"v":"second"}')])
+        dest.write([numbered_entry(1, payload=b'{"v":"first"}')])
+        dest.write([numbered_entry(1, payload=b'{"v":"second"}')])
         assert fetch(postgres_db_url, "SELECT payload->>'v' FROM nexus_entries") == [("first",)]
 
     def test_empty_batch_touches_nothing(self, dead_postgres_url: str) -> None:
@@ -252,11 +236,11 @@ class TestWrite:
     def test_nul_escape_in_a_json_string_is_rejected(self, dest: PostgresDestination) -> None:
         """A "\\u0000" in a JSON string cannot be stored in JSONB: the entry is rejected, not the server."""
         with pytest.raises(EntryRejected, match="22P05"):
-            dest.write([make_entry(1, payload=NUL_ESCAPE_PAYLOAD)])
+            dest.write([numbered_entry(1, payload=NUL_ESCAPE_PAYLOAD)])
 
     def test_one_bad_entry_fails_its_whole_batch(self, dest: PostgresDestination) -> None:
         """The batch is one transaction: a rejected entry stores none of its healthy neighbours."""
-        batch = [make_entry(1), make_entry(2, payload=NUL_ESCAPE_PAYLOAD), make_entry(3)]
+        batch = [numbered_entry(1), numbered_entry(2, payload=NUL_ESCAPE_PAYLOAD), numbered_entry(3)]
         with pytest.raises(EntryRejected):
             dest.write(batch)
         assert dest.count() == 0
@@ -273,18 +257,18 @@ class TestWrite:
     ) -> None:
         """A payload that is not a JSON object, not JSON, or not UTF-8 is the entry's fault."""
         with pytest.raises(EntryRejected, match=reason):
-            dest.write([make_entry(1, payload=payload)])
+            dest.write([numbered_entry(1, payload=payload)])
 
     def test_nul_byte_in_a_text_field_is_rejected(self, dest: PostgresDestination) -> None:
         """A NUL character in the subject, refused by the driver before sending, is the entry's fault."""
         with pytest.raises(EntryRejected):
-            dest.write([make_entry(1, subject="a\x00b")])
+            dest.write([numbered_entry(1, subject="a\x00b")])
 
     def test_subject_too_large_for_its_index_is_rejected(self, dest: PostgresDestination) -> None:
         """A subject too large for a btree index (SQLSTATE 54000) is the entry's fault."""
         huge = os.urandom(8000).hex()
         with pytest.raises(EntryRejected, match="54000"):
-            dest.write([make_entry(1, subject=huge)])
+            dest.write([numbered_entry(1, subject=huge)])
 
     def test_writers_take_turns_so_seq_follows_commit_order(
         self, dest: PostgresDestination, postgres_db_url: str
@@ -296,7 +280,7 @@ class TestWrite:
             other.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK_KEY,))
 
             def write() -> None:
-                dest.write([make_entry(1)])
+                dest.write([numbered_entry(1)])
                 done.set()
 
             writer = threading.Thread(target=write)
@@ -444,7 +428,7 @@ class TestOutage:
             with pytest.raises(DestinationUnavailable):
                 d.probe()
             with pytest.raises(DestinationUnavailable):
-                d.write([make_entry(1)])
+                d.write([numbered_entry(1)])
             assert time.monotonic() - started < 10
         finally:
             d.close()
@@ -454,15 +438,15 @@ class TestOutage:
         name = managed_postgres.create_database()
         d = PostgresDestination(DEST, managed_postgres.url(name), connect_timeout=1.0)
         try:
-            d.write([make_entry(1)])
+            d.write([numbered_entry(1)])
             managed_postgres.stop("fast")
             with pytest.raises(DestinationUnavailable):
-                d.write([make_entry(2)])
+                d.write([numbered_entry(2)])
             with pytest.raises(DestinationUnavailable):
                 d.probe()
             managed_postgres.start()
             wait_for_probe(d)
-            d.write([make_entry(2)])
+            d.write([numbered_entry(2)])
             assert d.count() == 2
         finally:
             d.close()
@@ -474,7 +458,7 @@ class TestOutage:
         dest.close()
         dest.close()
         with pytest.raises(DestinationUnavailable):
-            dest.write([make_entry(1)])
+            dest.write([numbered_entry(1)])
 
 
 @pytest.mark.postgres
@@ -482,22 +466,14 @@ class TestQuery:
     def test_pages_return_every_row_once_oldest_first(self, dest: PostgresDestination) -> None:
         """Following `next` over several pages yields each row once, in delivery order, then null."""
         for start in range(0, 23, 4):
-            dest.write([make_entry(i) for i in range(start, min(start + 4, 23))])
-        seen: list[str] = []
-        cursor: str | None = None
-        pages = 0
-        while True:
-            records, cursor = dest.query(limit=5, after=cursor)
-            seen.extend(str(r["payload_id"]) for r in records)
-            pages += 1
-            if cursor is None:
-                break
+            dest.write([numbered_entry(i) for i in range(start, min(start + 4, 23))])
+        seen, pages = page_through(dest, limit=5)
         assert seen == [f"{i:032x}" for i in range(23)]
         assert pages == 5
 
     def test_exact_last_page_has_no_next(self, dest: PostgresDestination) -> None:
         """A page that ends exactly at the last row says there is nothing more."""
-        dest.write([make_entry(i) for i in range(4)])
+        dest.write([numbered_entry(i) for i in range(4)])
         records, cursor = dest.query(limit=4)
         assert len(records) == 4
         assert cursor is None
@@ -506,9 +482,9 @@ class TestQuery:
         """`source` and `subject` narrow the rows, alone or together."""
         dest.write(
             [
-                make_entry(1, source="a", subject="x"),
-                make_entry(2, source="b", subject="x"),
-                make_entry(3, source="a", subject="y"),
+                numbered_entry(1, source="a", subject="x"),
+                numbered_entry(2, source="b", subject="x"),
+                numbered_entry(3, source="a", subject="y"),
             ]
         )
 
@@ -522,18 +498,15 @@ class TestQuery:
 
     def test_records_have_the_contract_fields_and_sqlite_timestamps(self, dest: PostgresDestination) -> None:
         """A record carries the contract's keys, the decoded payload and UTC timestamps formatted as SQLite's."""
-        entry = make_entry(7, subject="s", payload=b'{"nested": {"k": [1, 2]}, "u": "\\u00e9"}')
+        entry = numbered_entry(
+            7,
+            subject="s",
+            payload=b'{"nested": {"k": [1, 2]}, "u": "\\u00e9"}',
+            received_base=RECEIVED_WITH_MICROSECONDS,
+        )
         dest.write([entry])
         [record], _ = dest.query()
-        assert set(record) == {
-            "payload_id",
-            "source",
-            "subject",
-            "idempotency_key",
-            "received_at",
-            "delivered_at",
-            "payload",
-        }
+        assert set(record) == RECORD_KEYS
         assert orjson.loads(orjson.dumps(record["payload"])) == {"nested": {"k": [1, 2]}, "u": "é"}
         assert record["received_at"] == format_timestamp(entry.received_at)
         assert TIMESTAMP.fullmatch(str(record["delivered_at"]))
@@ -541,7 +514,7 @@ class TestQuery:
 
     def test_payloads_are_read_back_as_stored_text_with_every_digit(self, dest: PostgresDestination) -> None:
         """Integers past 64 bits come back exactly: the JSONB text is handed on, never decoded to floats."""
-        dest.write([make_entry(1, payload=b'{"id": 18446744073709551617, "x": 12345678901234567890123}')])
+        dest.write([numbered_entry(1, payload=b'{"id": 18446744073709551617, "x": 12345678901234567890123}')])
         records, _ = dest.query()
         text = orjson.dumps(records)
         assert b"18446744073709551617" in text
@@ -549,7 +522,7 @@ class TestQuery:
 
     def test_a_page_is_cut_by_its_byte_budget(self, dest: PostgresDestination) -> None:
         """Records of 300 kB with a 1 MB budget come three to a page, and the cursor goes on from there."""
-        dest.write([make_entry(i, payload=b'{"pad": "' + b"p" * 300_000 + b'"}') for i in range(7)])
+        dest.write([numbered_entry(i, payload=b'{"pad": "' + b"p" * 300_000 + b'"}') for i in range(7)])
         pages: list[int] = []
         cursor: str | None = None
         while True:
@@ -561,7 +534,7 @@ class TestQuery:
 
     def test_sources_keep_only_those_sources_records(self, dest: PostgresDestination) -> None:
         """query(sources=[...]) reads the rows of those sources only; an empty list reads nothing."""
-        dest.write([make_entry(1, source="a"), make_entry(2, source="b"), make_entry(3, source="c")])
+        dest.write([numbered_entry(1, source="a"), numbered_entry(2, source="b"), numbered_entry(3, source="c")])
         assert [r["source"] for r in dest.query(sources=["a", "c"])[0]] == ["a", "c"]
         assert dest.query(sources=[])[0] == []
 
@@ -569,8 +542,8 @@ class TestQuery:
         """Two destinations sharing a database each see only their own rows."""
         other = PostgresDestination("other", postgres_db_url)
         try:
-            dest.write([make_entry(1)])
-            other.write([make_entry(2)])
+            dest.write([numbered_entry(1)])
+            other.write([numbered_entry(2)])
             assert [r["payload_id"] for r in other.query()[0]] == [f"{2:032x}"]
             assert (dest.count(), other.count()) == (1, 1)
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,29 +15,8 @@ from nexus_gevent import _sqlite_thread
 from nexus_gevent.destinations import open_destination, sqlite_path
 from nexus_gevent.destinations._sql import decode_cursor, encode_cursor
 from nexus_gevent.destinations.sqlite import SCHEMA_VERSION, SQLiteDestination, classify_sqlite_error
-from nexus_gevent.entry import Entry
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
-
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
-DEST = "main"
-
-
-def make_entry(
-    i: int,
-    *,
-    source: str = "default",
-    subject: str | None = None,
-    payload: bytes | None = None,
-) -> Entry:
-    return Entry(
-        payload_id=f"{i:032x}",
-        source=source,
-        destination=DEST,
-        payload=payload if payload is not None else orjson.dumps({"n": i}),
-        received_at=1_700_000_000.0 + i,
-        subject=subject,
-        idempotency_key=f"key-{i}",
-    )
+from tests.support.destinations import DEST, RECORD_KEYS, TIMESTAMP, numbered_entry, page_through
 
 
 @pytest.fixture
@@ -131,7 +109,7 @@ class TestSchema:
         """A database path in a directory that does not exist yet works."""
         d = SQLiteDestination(DEST, str(tmp_path / "a" / "b" / "nexus.db"))
         try:
-            d.write([make_entry(1)])
+            d.write([numbered_entry(1)])
             assert d.count() == 1
         finally:
             d.close()
@@ -139,7 +117,7 @@ class TestSchema:
     def test_reopening_a_version_1_file_is_a_no_op_migration(self, db_path: str) -> None:
         """A file already at version 1 keeps its schema and rows when opened again."""
         first = SQLiteDestination(DEST, db_path)
-        first.write([make_entry(1)])
+        first.write([numbered_entry(1)])
         first.close()
         schema_before = raw(db_path).execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
 
@@ -172,7 +150,7 @@ class TestSchema:
             with pytest.raises(DestinationUnavailable):
                 d.probe()
             with pytest.raises(DestinationUnavailable):
-                d.write([make_entry(1)])
+                d.write([numbered_entry(1)])
         finally:
             d.close()
 
@@ -180,7 +158,7 @@ class TestSchema:
 class TestWrite:
     def test_row_holds_the_entry_and_utc_timestamps(self, dest: SQLiteDestination, db_path: str) -> None:
         """A written row carries every entry field, JSON text, and microsecond UTC 'Z' timestamps."""
-        entry = make_entry(7, source="web", subject="orders")
+        entry = numbered_entry(7, source="web", subject="orders")
         before = time.time()
         dest.write([entry])
         row = (
@@ -199,19 +177,19 @@ class TestWrite:
 
     def test_same_payload_id_twice_leaves_one_row(self, dest: SQLiteDestination) -> None:
         """Rewriting a payload_id, in a later batch or the same one, keeps exactly one row."""
-        dest.write([make_entry(1)])
-        dest.write([make_entry(1), make_entry(2)])
-        dest.write([make_entry(3), make_entry(3)])
+        dest.write([numbered_entry(1)])
+        dest.write([numbered_entry(1), numbered_entry(2)])
+        dest.write([numbered_entry(3), numbered_entry(3)])
         assert dest.count() == 3
 
     def test_a_large_batch_is_stored(self, dest: SQLiteDestination) -> None:
         """A batch of 2,000 entries lands whole."""
-        dest.write([make_entry(i) for i in range(2000)])
+        dest.write([numbered_entry(i) for i in range(2000)])
         assert dest.count() == 2000
 
     def test_a_batch_is_all_or_nothing(self, dest: SQLiteDestination) -> None:
         """One refused entry rolls back the whole batch and the connection stays usable."""
-        batch = [make_entry(i) for i in range(10)] + [make_entry(10, payload=b"[1, 2]")]
+        batch = [numbered_entry(i) for i in range(10)] + [numbered_entry(10, payload=b"[1, 2]")]
         with pytest.raises(EntryRejected, match="payload_is_json_object"):
             dest.write(batch)
         assert dest.count() == 0
@@ -224,7 +202,7 @@ class TestWrite:
     ) -> None:
         """Invalid JSON, a non-object, or bytes that are not UTF-8 raise EntryRejected."""
         with pytest.raises(EntryRejected):
-            dest.write([make_entry(1, payload=payload)])
+            dest.write([numbered_entry(1, payload=payload)])
         assert dest.count() == 0
 
     def test_a_refused_write_is_raised_not_printed_by_the_hub(
@@ -232,17 +210,17 @@ class TestWrite:
     ) -> None:
         """An expected failure reaches the caller only; gevent's hub prints no traceback for it."""
         with pytest.raises(EntryRejected):
-            dest.write([make_entry(1, payload=b"[]")])
+            dest.write([numbered_entry(1, payload=b"[]")])
         assert capfd.readouterr().err == ""
 
     def test_close_is_idempotent_and_later_calls_are_unavailable(self, db_path: str) -> None:
         """close() twice is fine; a closed destination reports itself unavailable."""
         d = SQLiteDestination(DEST, db_path)
-        d.write([make_entry(1)])
+        d.write([numbered_entry(1)])
         d.close()
         d.close()
         with pytest.raises(DestinationUnavailable, match="closed"):
-            d.write([make_entry(2)])
+            d.write([numbered_entry(2)])
         with pytest.raises(DestinationUnavailable):
             d.probe()
 
@@ -303,11 +281,11 @@ class TestClassifySqliteError:
             blocker = raw(db_path)
             blocker.execute("BEGIN EXCLUSIVE")
             with pytest.raises(DestinationUnavailable) as info:
-                d.write([make_entry(1)])
+                d.write([numbered_entry(1)])
             assert isinstance(info.value.__cause__, sqlite3.OperationalError)
             assert "database is locked" in str(info.value.__cause__)
             blocker.execute("ROLLBACK")
-            d.write([make_entry(1)])
+            d.write([numbered_entry(1)])
             assert d.count() == 1
         finally:
             d.close()
@@ -334,7 +312,7 @@ class TestCooperation:
             ticks, ticker = self._ticker()
             started = time.monotonic()
             with pytest.raises(DestinationUnavailable):
-                d.write([make_entry(1)])
+                d.write([numbered_entry(1)])
             waited = time.monotonic() - started
             gevent.kill(ticker)
             assert waited >= 0.9
@@ -358,7 +336,7 @@ class TestCooperation:
 
             releaser = gevent.spawn(release_later)
             started = time.monotonic()
-            d.write([make_entry(1)])
+            d.write([numbered_entry(1)])
             assert time.monotonic() - started >= 0.25
             releaser.join()
             assert d.count() == 1
@@ -372,22 +350,14 @@ class TestQuery:
         """Following `next` through pages of 7 yields all 25 rows once, in write order, then None."""
         order = [12, 3, 25, 1, 7] + [i for i in range(30, 50)]
         for i in order:
-            dest.write([make_entry(i)])
-        seen: list[str] = []
-        cursor: str | None = None
-        pages = 0
-        while True:
-            records, cursor = dest.query(limit=7, after=cursor)
-            pages += 1
-            seen.extend(str(r["payload_id"]) for r in records)
-            if cursor is None:
-                break
+            dest.write([numbered_entry(i)])
+        seen, pages = page_through(dest, limit=7)
         assert seen == [f"{i:032x}" for i in order]
         assert pages == 4
 
     def test_an_exactly_full_last_page_has_no_next(self, dest: SQLiteDestination) -> None:
         """When the rows end on a page boundary, that page's `next` is None."""
-        dest.write([make_entry(i) for i in range(4)])
+        dest.write([numbered_entry(i) for i in range(4)])
         first, cursor = dest.query(limit=2)
         assert cursor is not None
         second, cursor = dest.query(limit=2, after=cursor)
@@ -396,19 +366,11 @@ class TestQuery:
 
     def test_records_have_the_contract_shape(self, dest: SQLiteDestination) -> None:
         """A record has exactly the contract's keys and its payload as a JSON value."""
-        dest.write([make_entry(1, source="web", subject="s")])
+        dest.write([numbered_entry(1, source="web", subject="s")])
         records, cursor = dest.query()
         assert cursor is None
         (record,) = records
-        assert set(record) == {
-            "payload_id",
-            "source",
-            "subject",
-            "idempotency_key",
-            "received_at",
-            "delivered_at",
-            "payload",
-        }
+        assert set(record) == RECORD_KEYS
         assert orjson.loads(orjson.dumps(record["payload"])) == {"n": 1}
         assert record["source"] == "web"
         assert record["subject"] == "s"
@@ -418,16 +380,10 @@ class TestQuery:
 
     def test_filters_by_source_and_subject(self, dest: SQLiteDestination) -> None:
         """source and subject narrow the rows, alone or together, and paging still works."""
-        dest.write([make_entry(i, source="a" if i % 2 else "b", subject="x" if i % 3 else None) for i in range(30)])
+        dest.write([numbered_entry(i, source="a" if i % 2 else "b", subject="x" if i % 3 else None) for i in range(30)])
 
         def all_ids(source: str | None = None, subject: str | None = None) -> list[str]:
-            ids: list[str] = []
-            cursor: str | None = None
-            while True:
-                records, cursor = dest.query(source=source, subject=subject, limit=4, after=cursor)
-                ids.extend(str(r["payload_id"]) for r in records)
-                if cursor is None:
-                    return ids
+            return page_through(dest, limit=4, source=source, subject=subject)[0]
 
         assert all_ids(source="a") == [f"{i:032x}" for i in range(30) if i % 2]
         assert all_ids(subject="x") == [f"{i:032x}" for i in range(30) if i % 3]
@@ -438,8 +394,8 @@ class TestQuery:
         """Two destinations sharing one file each see only the rows they stored."""
         other = SQLiteDestination("other", db_path)
         try:
-            dest.write([make_entry(1)])
-            other.write([make_entry(2)])
+            dest.write([numbered_entry(1)])
+            other.write([numbered_entry(2)])
             assert [r["payload_id"] for r in dest.query()[0]] == [f"{1:032x}"]
             assert [r["payload_id"] for r in other.query()[0]] == [f"{2:032x}"]
             assert other.count() == 1

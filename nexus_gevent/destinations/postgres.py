@@ -2,13 +2,13 @@
 
 Import this module only in a gunicorn worker, after gevent's monkey-patching:
 psycopg chooses, when it is first imported, whether its waits yield to the hub or block
-the whole process: it takes gevent's cooperative wait only if the socket module is
-already patched by then (or PSYCOPG_WAIT_FUNC says so). `open_destination` imports it
-lazily for that reason, and `PostgresDestination` refuses to be built when the choice
-went the wrong way. psycopg_pool's workers and waits are cooperative under patching;
-the pool is built (unopened) in the constructor and opened on first use, so a server
-that is down at startup reads as "unavailable" (probe, /ready) instead of failing the
-worker.
+the whole process. Its fast C wait is never patched; it picks a `select`-based wait
+instead only if gevent has already patched `select` (or PSYCOPG_WAIT_FUNC names one).
+`open_destination` imports it lazily for that reason, and `PostgresDestination` refuses
+to be built when the choice went the wrong way. psycopg_pool's workers and waits are
+cooperative under patching; the pool is built (unopened) in the constructor and opened
+on first use, so a server that is down at startup reads as "unavailable" (probe, /ready)
+instead of failing the worker.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def psycopg_blocks_the_hub() -> bool:
     return wait_c is not None and waiting.wait is wait_c
 
 
-# jsonb read back as text: parsed once, by the shared reads, like SQLite's.
+# payload::text: the stored JSON text is handed on as it is, as for SQLite, not through psycopg's jsonb loader.
 _DIALECT = Dialect(
     mark="%s", payload="payload::text", payload_bytes="octet_length(payload::text)", timestamp=format_datetime
 )
