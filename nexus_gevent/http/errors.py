@@ -13,7 +13,6 @@ from typing import Any
 import falcon
 import orjson
 
-from ..errors import DestinationUnavailable, WalUnavailable
 from ..logs import Logger
 
 
@@ -84,28 +83,21 @@ def answer_error(resp: falcon.Response, error: ApiError) -> None:
 ErrorHandler = Callable[[falcon.Request, falcon.Response, Exception, dict[str, Any]], None]
 
 
-def wal_unavailable(req: falcon.Request, resp: falcon.Response, ex: WalUnavailable, params: dict[str, Any]) -> None:
-    """503 wal_unavailable: nothing was made durable (disk full, I/O error), so a retry is safe."""
-    raise ApiError(
-        falcon.HTTP_503,
-        "wal_unavailable",
-        "the write could not be made durable; nothing was stored, retry later",
-        details={"reason": str(ex)[:200]},
-        retry_after=1,
-    ) from None
+def unavailable(code: str, message: str) -> ErrorHandler:
+    """A handler answering 503 `code` with Retry-After 1 for a domain error meaning "not now"."""
+
+    def handler(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
+        raise ApiError(
+            falcon.HTTP_503, code, message, details={"reason": str(ex)[:200]}, retry_after=1
+        ) from None
+
+    return handler
 
 
-def destination_unavailable(
-    req: falcon.Request, resp: falcon.Response, ex: DestinationUnavailable, params: dict[str, Any]
-) -> None:
-    """503 destination_unavailable: a read could not reach the destination."""
-    raise ApiError(
-        falcon.HTTP_503,
-        "destination_unavailable",
-        "the destination cannot be reached",
-        details={"reason": str(ex)[:200]},
-        retry_after=1,
-    ) from None
+#: WalUnavailable: nothing was made durable (disk full, I/O error), so a retry is safe.
+wal_unavailable = unavailable("wal_unavailable", "the write could not be made durable; nothing was stored, retry later")
+#: DestinationUnavailable: a read could not reach the destination.
+destination_unavailable = unavailable("destination_unavailable", "the destination cannot be reached")
 
 
 def unexpected_error_handler(logger: Logger) -> ErrorHandler:
