@@ -364,6 +364,8 @@ class TestValidation:
             ({"NEXUS_MAX_ATTEMPTS": "0"}, "NEXUS_MAX_ATTEMPTS must be at least 1"),
             ({"NEXUS_MAX_BODY_BYTES": "-1"}, "NEXUS_MAX_BODY_BYTES must be at least 1"),
             ({"NEXUS_MAX_BODY_BYTES": "1MB"}, "NEXUS_MAX_BODY_BYTES must be an integer"),
+            ({"NEXUS_QUEUE_SIZE": "\uff11\uff10"}, "NEXUS_QUEUE_SIZE must be an integer"),
+            ({"NEXUS_BODY_TIMEOUT": "\u0663"}, "NEXUS_BODY_TIMEOUT must be a number"),
             ({"NEXUS_WAL_SEGMENT_BYTES": "0"}, "NEXUS_WAL_SEGMENT_BYTES must be at least 1"),
             ({"NEXUS_INITIAL_BACKOFF": "soon"}, "NEXUS_INITIAL_BACKOFF must be a number"),
             ({"NEXUS_INITIAL_BACKOFF": "-1"}, "NEXUS_INITIAL_BACKOFF must not be negative"),
