@@ -129,7 +129,7 @@ def parse_positive(value: object, where: str) -> float:
 
 def _from_text(value: object, kind: Callable[[str], T]) -> T | None:
     """`kind` of a string value (the environment's only type), or None if it is not a string or does not parse."""
-    # int() and float() also take non-ASCII digits ("１", "٣"): no number an operator meant to type.
+    # int() and float() also take fullwidth or Arabic-Indic digits: no number an operator meant to type.
     if not isinstance(value, str) or not value.isascii():
         return None
     try:
