@@ -4,20 +4,28 @@ Writes go through nginx to gunicorn's gevent workers; a full queue is forced by 
 SQLite's write lock on the destination from the test, so delivery pauses while writes
 keep arriving. Scaling is tested both ways: down (fewer workers than WAL directories
 after a crash) and out (two instances behind one nginx upstream, one PostgreSQL).
+nginx's own errors (413, 502, 503, 504) are in the API's shape, while the service's own
+errors pass through it unchanged; a small socket server stands in for a hung instance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
+import socket
+import threading
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.support.proc import (
     SMALL_QUEUE,
+    Gunicorn,
     Launcher,
     Ledger,
     Response,
@@ -39,6 +47,7 @@ from tests.support.proc import (
 from tests.support.proc import (
     destination_locked as locked,
 )
+from tests.support.services import HOST, free_port
 
 if TYPE_CHECKING:
     from tests.support.nginx import LaunchNginx
@@ -56,6 +65,10 @@ LOCKED_WRITES = 60
 MAX_WRITES_TO_FILL = 40
 #: The single worker adopts orphans every 10 s (service.ADOPT_INTERVAL); generous on top.
 ADOPTION_DEADLINE = 60.0
+#: The test rendering's proxy_read_timeout, for a 504 in a moment (the shipped one is 30 s).
+SHORT_READ_TIMEOUT = "1s"
+#: How long a test waits for something that takes milliseconds (a connection, an answer).
+QUICK = 30.0
 
 
 def post(port: int, n: int, *, request_id: str | None = None, extra: str = "") -> Response:
@@ -81,6 +94,199 @@ def write_until_shed(port: int, ledger: Ledger, first: int = 0) -> tuple[int, Re
             return n, response, request_id
         assert response.status == 202, response
     raise AssertionError(f"no 429 within {MAX_WRITES_TO_FILL} writes: {dict(ledger.outcomes)}")
+
+
+def served(server: Gunicorn, request_id: str) -> dict[str, Any]:
+    """The service's log line for the request with `request_id` (waits for it): proof the service answered it."""
+    lines = wait_for(
+        lambda: [r for r in server.events("request") if r.get("request_id") == request_id],
+        QUICK,
+        "the service's request line",
+        describe=server.log_tail,
+    )
+    return lines[0]
+
+
+def unready(port: int) -> Response | None:
+    """GET /ready's answer if it is 503, else None (for `wait_for`)."""
+    response = exchange(port, "GET", "/ready")
+    return response if response.status == 503 else None
+
+
+def assert_nginx_error(response: Response, status: int, code: str, *, retry_after: bool) -> dict[str, Any]:
+    """nginx's own answer `status` in the API's shape: JSON, `code`, and Retry-After 1 agreeing with the body if any."""
+    assert response.status == status, response
+    assert response.headers["content-type"] == "application/json", response.headers
+    body: dict[str, Any] = response.json()
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str), body
+    assert body["message"], body
+    assert isinstance(body["details"], dict), body
+    if retry_after:
+        assert set(body) == {"error", "message", "details", "retry_after_seconds"}, body
+        assert (response.headers.get("retry-after"), body["retry_after_seconds"]) == ("1", 1), response
+    else:
+        assert set(body) == {"error", "message", "details"}, body
+        assert "retry-after" not in response.headers, response.headers
+    # ... and the request id, as the service's answers carry it
+    assert response.headers.get("x-request-id"), response.headers
+    return body
+
+
+class SilentUpstream:
+    """A TCP server that accepts every connection and never answers: a hung service, as nginx sees it."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server((HOST, 0))
+        self.port: int = self._listener.getsockname()[1]
+        #: Set once nginx has connected: its request is then past nginx's own phases.
+        self.accepted = threading.Event()
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name="silent-upstream", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # the listener was shut down
+                return
+            self._held.append(conn)
+            self.accepted.set()
+
+    def close(self) -> None:
+        """Stop accepting and close every held connection (nginx then sees the upstream close)."""
+        # shutdown() wakes the accept() blocked in the thread; close() alone would not on Linux.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(QUICK)
+        for conn in self._held:
+            conn.close()
+
+
+@pytest.fixture
+def silent_upstream() -> Iterator[SilentUpstream]:
+    upstream = SilentUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.mark.nginx
+class TestNginxOwnAnswers:
+    """What nginx answers by itself (no instance reachable, one that never answers, a limit) is in the API's shape."""
+
+    def test_no_instance_listening_is_a_json_502_with_retry_after_one(self, nginx: LaunchNginx) -> None:
+        """Nothing listening upstream: nginx's 502 bad_gateway as JSON, Retry-After 1 and retry_after_seconds 1."""
+        # Given nginx in front of a port nothing listens on
+        proxy = nginx([free_port()])
+        request_id = f"deploy-{uuid.uuid4().hex}"
+        # When a client writes, and then reads a path whose extension nginx maps to text/html
+        write = post(proxy.port, 0, request_id=request_id)
+        page = exchange(proxy.port, "GET", "/v1/logs.html")
+        # Then both answers are nginx's 502 in the API's shape, never an HTML page ...
+        for response in (write, page):
+            assert_nginx_error(response, 502, "bad_gateway", retry_after=True)
+        # ... and the client's request id comes back on it
+        assert write.headers["x-request-id"] == request_id
+
+    def test_an_instance_that_never_answers_is_a_json_504_with_retry_after_one(
+        self, nginx: LaunchNginx, silent_upstream: SilentUpstream
+    ) -> None:
+        """An upstream that accepts and never answers gets nginx's 504 gateway_timeout as JSON, with Retry-After 1."""
+        # Given nginx, with a 1 s proxy_read_timeout, in front of an upstream that never answers
+        proxy = nginx([silent_upstream.port], read_timeout=SHORT_READ_TIMEOUT)
+        # When a client writes
+        response = post(proxy.port, 0)
+        # Then the request reached the upstream, and nginx answered 504 in the API's shape
+        assert silent_upstream.accepted.wait(QUICK), "the request never reached the upstream"
+        assert_nginx_error(response, 504, "gateway_timeout", retry_after=True)
+
+    def test_a_request_over_an_added_connection_limit_is_a_json_503_with_retry_after_one(
+        self, nginx: LaunchNginx, silent_upstream: SilentUpstream
+    ) -> None:
+        """With limit_conn 1 added, a second request while one is in flight gets nginx's 503 as JSON, Retry-After 1."""
+        # Given nginx with `limit_conn 1` (test rendering only: the shipped file sets no limit),
+        # in front of an upstream that holds the one request it is sent
+        proxy = nginx([silent_upstream.port], conn_limit=1)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            first: Future[Response] = pool.submit(post, proxy.port, 0)
+            assert silent_upstream.accepted.wait(QUICK), "the first request never reached the upstream"
+            # When a second request comes while the first is in flight
+            second = post(proxy.port, 1)
+            # ... and the upstream then closes without answering the first
+            silent_upstream.close()
+            held = first.result(QUICK)
+        # Then the second is nginx's 503 in the API's shape ...
+        assert_nginx_error(second, 503, "service_unavailable", retry_after=True)
+        # ... and the first, cut off by the upstream, nginx's 502
+        assert_nginx_error(held, 502, "bad_gateway", retry_after=True)
+
+
+@pytest.mark.nginx
+class TestServiceAnswersPassThrough:
+    """The service's own errors reach the client through nginx unchanged: error_page never replaces them."""
+
+    def test_the_service_own_413_passes_through_unchanged(self, launch: Launcher, nginx: LaunchNginx) -> None:
+        """A body over a lower NEXUS_MAX_BODY_BYTES gets the service's 413 (its limit in details), not nginx's."""
+        # Given a service that takes at most 1000 bytes, behind nginx (which takes 1 MiB)
+        server = ready(launch(env={"NEXUS_MAX_BODY_BYTES": "1000"}))
+        proxy = nginx([server.port])
+        body = b'{"pad": "' + b"x" * 2000 + b'"}'
+        request_id = f"deploy-{uuid.uuid4().hex}"
+        headers = {**post_headers(), "X-Request-Id": request_id}
+        # When it is sent through nginx, and straight to the service
+        through = exchange(proxy.port, "POST", "/inbound/default", body, headers)
+        direct = exchange(server.port, "POST", "/inbound/default", body, post_headers())
+        # Then both are the service's 413, byte for byte the same body, with its own limit
+        assert (through.status, direct.status) == (413, 413), (through, direct)
+        assert through.body == direct.body
+        assert through.json()["details"] == {"max_body_bytes": 1000}
+        assert through.headers["content-type"] == direct.headers["content-type"]
+        # ... answered by the service (its request line), not by nginx
+        assert through.headers["x-request-id"] == request_id
+        assert served(server, request_id)["status"] == 413
+
+    def test_the_service_own_503_passes_through_unchanged(self, launch: Launcher, nginx: LaunchNginx) -> None:
+        """/ready's 503 not_ready (destination locked) reaches the client as the service wrote it, nothing added."""
+        # Given one worker behind nginx, whose destination is locked while it delivers a write
+        server = ready(launch(workers=1))
+        proxy = nginx([server.port])
+        with locked(server.db_path):
+            assert post(proxy.port, 0).status == 202
+            # When the worker finds the destination unavailable, and /ready is asked through nginx
+            through = wait_for(lambda: unready(proxy.port), QUICK, "/ready to answer 503", describe=server.log_tail)
+            assert through is not None  # wait_for returns only a truthy answer
+            direct = exchange(server.port, "GET", "/ready")
+        # Then the client gets the service's 503, not nginx's service_unavailable
+        assert direct.status == 503, direct
+        assert through.body == direct.body
+        body = through.json()
+        assert body["error"] == "not_ready", body
+        assert body["details"]["reasons"] == ["destination_unavailable:default"], body
+        # ... with nothing of nginx's answer added
+        assert "retry-after" not in through.headers, through.headers
+        assert through.headers["content-type"] == "application/json"
+
+    def test_v1_logs_reaches_the_service_and_its_404_passes_through_unchanged(
+        self, launch: Launcher, nginx: LaunchNginx
+    ) -> None:
+        """POST /v1/logs is proxied to the service (a later OTLP receiver); today its 404 reaches the client as is."""
+        # Given two workers behind nginx
+        server = ready(launch())
+        proxy = nginx([server.port])
+        request_id = f"deploy-{uuid.uuid4().hex}"
+        headers = {**post_headers(), "X-Request-Id": request_id}
+        # When a client posts to /v1/logs through nginx, and straight to the service
+        through = exchange(proxy.port, "POST", "/v1/logs", b'{"resourceLogs": []}', headers)
+        direct = exchange(server.port, "POST", "/v1/logs", b'{"resourceLogs": []}', post_headers())
+        # Then both are the service's own 404, the same body
+        assert (through.status, direct.status) == (404, 404), (through, direct)
+        assert through.body == direct.body
+        assert through.json()["error"] == "not_found"
+        # ... which the service answered and logged
+        line = served(server, request_id)
+        assert (line["path"], line["status"]) == ("/v1/logs", 404)
 
 
 @pytest.mark.nginx
@@ -123,7 +329,7 @@ class TestThroughNginx:
     def test_nginx_refuses_a_body_over_one_mebibyte_with_413_and_passes_one_of_exactly_one_mebibyte(
         self, launch: Launcher, nginx: LaunchNginx
     ) -> None:
-        """A body of 1 MiB + 1 byte gets nginx's own 413 page (it never reaches the service); exactly 1 MiB gets 202."""
+        """1 MiB + 1 byte gets nginx's own 413 in the API's shape (the service never sees it); 1 MiB gets 202."""
         # Given two workers behind nginx, both at the default NEXUS_MAX_BODY_BYTES
         server = ready(launch())
         proxy = nginx([server.port])
@@ -134,10 +340,9 @@ class TestThroughNginx:
         # When one body over the limit and one at the limit are sent through nginx
         refused = exchange(proxy.port, "POST", "/inbound/default", over_limit, post_headers(), timeout=30)
         passed = exchange(proxy.port, "POST", "/inbound/default", at_limit, post_headers(), timeout=30)
-        # Then nginx answers the first itself (its HTML page, not the service's JSON) ...
-        assert refused.status == 413, refused
-        assert b"413" in refused.body
-        assert not refused.headers.get("content-type", "").startswith("application/json")
+        # Then nginx answers the first itself, as the service would: JSON in the API's shape ...
+        body = assert_nginx_error(refused, 413, "payload_too_large", retry_after=False)
+        assert body["details"] == {"max_body_bytes": MAX_BODY}
         # ... and the second is the service's 202, delivered
         assert passed.status == 202, passed
         payload_id = passed.json()["payload_id"]

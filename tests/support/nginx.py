@@ -5,6 +5,9 @@ one upstream `server` line per backend (keeping the shipped parameters), the pid
 and the temp paths, which point into the test's directory so that nothing under /var
 or /run is touched. Running as root, nginx's workers would switch to `nobody`, who
 cannot enter pytest's root-only temp directories; the rendering then adds `user root;`.
+A test may ask for two more changes, named at the call: a shorter `proxy_read_timeout`
+(to see a 504 in a moment), and a `limit_conn` on `location /` (to make nginx answer a
+503 of its own; the shipped file sets no limit).
 Every substitution must match exactly once, so a change in the shipped file's shape
 fails loudly here instead of silently testing another config.
 
@@ -28,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -50,6 +54,10 @@ _UPSTREAM_SERVER = re.compile(
 _PID = re.compile(r"^pid[ \t]+[^;\n]+;[ \t]*$", re.MULTILINE)
 _HTTP_OPEN = re.compile(r"^http[ \t]*\{[ \t]*$", re.MULTILINE)
 _USER = re.compile(r"^user[ \t]", re.MULTILINE)
+_READ_TIMEOUT = re.compile(r"^(?P<indent>[ \t]*)proxy_read_timeout[ \t]+[^;\n]+;[ \t]*$", re.MULTILINE)
+_ROOT_LOCATION = re.compile(r"^(?P<indent>[ \t]*)location[ \t]+/[ \t]*\{[ \t]*$", re.MULTILINE)
+#: The shared-memory zone of the test-only `limit_conn`.
+CONN_ZONE = "nexus_test_conn"
 
 
 class NginxConfigShape(AssertionError):
@@ -71,8 +79,21 @@ def _sub_once(pattern: re.Pattern[str], replace: str | Callable[[re.Match[str]],
     return result
 
 
-def render_config(text: str, *, port: int, backends: Sequence[int], prefix: Path, as_root: bool) -> str:
-    """The shipped config, listening on `port`, proxying to `backends`, with every path under `prefix`."""
+def render_config(
+    text: str,
+    *,
+    port: int,
+    backends: Sequence[int],
+    prefix: Path,
+    as_root: bool,
+    read_timeout: str | None = None,
+    conn_limit: int | None = None,
+) -> str:
+    """The shipped config, listening on `port`, proxying to `backends`, with every path under `prefix`.
+
+    `read_timeout` replaces the shipped `proxy_read_timeout`; `conn_limit` allows that many
+    requests at a time through `location /` (nginx answers 503 beyond it).
+    """
     if not backends:
         raise ValueError("at least one backend port is needed")
     text = _sub_once(_LISTEN, lambda m: f"{m['indent']}listen {HOST}:{port};", text, "`listen 8080;`")
@@ -83,6 +104,18 @@ def render_config(text: str, *, port: int, backends: Sequence[int], prefix: Path
     text = _sub_once(_UPSTREAM_SERVER, servers, text, "upstream `server 127.0.0.1:8000 ...;`")
     text = _sub_once(_PID, f"pid {prefix / 'nginx.pid'};", text, "`pid ...;`")
     temp_lines = "".join(f"    {name}_temp_path {prefix / 'temp' / name};\n" for name in TEMP_DIRS)
+    if conn_limit is not None:
+        temp_lines += f"    limit_conn_zone $binary_remote_addr zone={CONN_ZONE}:1m;\n"
+
+        def limited(m: re.Match[str]) -> str:
+            return f"{m[0]}\n{m['indent']}    limit_conn {CONN_ZONE} {conn_limit};"
+
+        text = _sub_once(_ROOT_LOCATION, limited, text, "`location / {`")
+    if read_timeout is not None:
+        timeout = read_timeout
+        text = _sub_once(
+            _READ_TIMEOUT, lambda m: f"{m['indent']}proxy_read_timeout {timeout};", text, "`proxy_read_timeout ...;`"
+        )
     text = _sub_once(_HTTP_OPEN, lambda m: f"{m[0]}\n{temp_lines.rstrip()}", text, "`http {`")
     if as_root:
         if _USER.search(text):
@@ -138,7 +171,15 @@ class Nginx:
         kill_session(self.proc, STOP_TIMEOUT)
 
 
-def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: int | None = None) -> Nginx:
+def start_nginx(
+    binary: Path,
+    prefix: Path,
+    backends: Sequence[int],
+    *,
+    port: int | None = None,
+    read_timeout: str | None = None,
+    conn_limit: int | None = None,
+) -> Nginx:
     """Render deploy/nginx.conf into `prefix`, run `nginx -c CONF -p PREFIX -g 'daemon off;'`, wait until it answers."""
     port = free_port() if port is None else port
     prefix.mkdir(parents=True, exist_ok=True)
@@ -146,7 +187,15 @@ def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: in
         (prefix / "temp" / name).mkdir(parents=True, exist_ok=True)
     conf_path = prefix / "nginx.conf"
     conf_path.write_text(
-        render_config(SHIPPED_CONF.read_text(), port=port, backends=backends, prefix=prefix, as_root=os.geteuid() == 0)
+        render_config(
+            SHIPPED_CONF.read_text(),
+            port=port,
+            backends=backends,
+            prefix=prefix,
+            as_root=os.geteuid() == 0,
+            read_timeout=read_timeout,
+            conn_limit=conn_limit,
+        )
     )
     log_path = prefix / "nginx.log"
     proc = start_in_session(
@@ -164,7 +213,12 @@ def start_nginx(binary: Path, prefix: Path, backends: Sequence[int], *, port: in
     return server
 
 
-LaunchNginx = Callable[[Sequence[int]], Nginx]
+class LaunchNginx(Protocol):
+    """The `nginx` fixture: start one nginx in front of `backends`, with the test-only changes named."""
+
+    def __call__(
+        self, backends: Sequence[int], *, read_timeout: str | None = None, conn_limit: int | None = None
+    ) -> Nginx: ...
 
 
 @pytest.fixture
@@ -175,8 +229,10 @@ def nginx(tmp_path: Path) -> Iterator[LaunchNginx]:
         skip_or_fail("nginx is not installed (looked on PATH and in /usr/sbin)")
     started: list[Nginx] = []
 
-    def launch(backends: Sequence[int]) -> Nginx:
-        server = start_nginx(binary, tmp_path / f"nginx-{len(started)}", backends)
+    def launch(backends: Sequence[int], *, read_timeout: str | None = None, conn_limit: int | None = None) -> Nginx:
+        server = start_nginx(
+            binary, tmp_path / f"nginx-{len(started)}", backends, read_timeout=read_timeout, conn_limit=conn_limit
+        )
         started.append(server)
         return server
 
