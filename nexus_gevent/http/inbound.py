@@ -127,7 +127,7 @@ def _read_some(stream: Any, size: int) -> bytes:
     return data
 
 
-#: The media types a body may have besides application/*+json (RFC 6839 section 3.1).
+#: The media types of a JSON body, besides any application/*+json (the +json suffix, RFC 6839 section 3.1).
 JSON_MEDIA_TYPES = ("application/json", "application/x-ndjson", "application/jsonl")
 _ACCEPTED_TYPES = "application/json, application/*+json, application/x-ndjson or application/jsonl"
 
