@@ -1,7 +1,13 @@
-"""Who is calling: a bearer token mapped to a source or to the admin, in constant time."""
+"""Who is calling: a token mapped to a source or to the admin, in constant time.
+
+The token comes as a bearer token (RFC 6750), or as the password of Basic
+authentication (RFC 7617) for clients that only know Basic; the user name is ignored.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from dataclasses import dataclass
 
@@ -41,12 +47,9 @@ class Authenticator:
         self._sources = [(s.token, Principal("source", s.name)) for s in settings.sources]
 
     def identify(self, authorization: str | None) -> Principal | None:
-        """The caller behind an `Authorization: Bearer ...` header, or None."""
-        if not authorization:
-            return None
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        """The caller behind an `Authorization: Bearer <token>` or `Basic <user:token>` header, or None."""
+        token = presented_token(authorization)
+        if token is None:
             return None
         found: Principal | None = None
         if tokens_equal(token, self._admin):
@@ -55,3 +58,28 @@ class Authenticator:
             if tokens_equal(token, candidate) and found is None:
                 found = principal
         return found
+
+
+def presented_token(authorization: str | None) -> str | None:
+    """The token an Authorization header carries: Bearer's credential, or Basic's password; None if neither.
+
+    A Basic credential that is not base64 of UTF-8 "user:password" (RFC 7617
+    section 2), or has an empty password, carries no token.
+    """
+    if not authorization:
+        return None
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    if not credential:
+        return None
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return credential
+    if scheme != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credential, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _user, colon, password = decoded.partition(":")
+    return password if colon and password else None

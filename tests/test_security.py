@@ -9,13 +9,14 @@ source's token" is a token that is valid, but for the wrong source and destinati
 
 from __future__ import annotations
 
+import base64
 import hmac
 import io
 import os
 import stat
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import orjson
 import pytest
 
 from nexus_gevent import lifecycle
-from nexus_gevent.auth import Authenticator, Principal, tokens_equal
+from nexus_gevent.auth import Authenticator, Principal, presented_token, tokens_equal
 from nexus_gevent.config import ADMIN_TOKEN_FILENAME, Settings, load_settings
 from nexus_gevent.datadir import SECRETS_DIRNAME
 from nexus_gevent.http.app import create_app
@@ -56,6 +57,8 @@ CONFIG = config_toml(
 
 #: The dead letter the retry endpoint is called with (recorded before the matrix runs).
 DEAD_LETTER_ID = "d" * 32
+#: The one the Basic-auth pass of the matrix retries: a retry consumes its dead letter.
+BASIC_DEAD_LETTER_ID = "b" * 32
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,14 @@ ENDPOINTS: dict[str, Endpoint] = {
 CELLS = [(name, token_class) for name in ENDPOINTS for token_class in TOKEN_CLASSES]
 
 
-def headers_for(token_class: str) -> dict[str, str]:
+def headers_for(token_class: str, *, scheme: str = "Bearer") -> dict[str, str]:
+    """The Authorization header of a token class: Bearer, or Basic with the token as the password."""
     token = TOKEN_CLASSES[token_class]
-    return {} if token is None else {"Authorization": f"Bearer {token}"}
+    if token is None:
+        return {}
+    if scheme == "Basic":
+        return {"Authorization": "Basic " + base64.b64encode(f"any-user:{token}".encode()).decode("ascii")}
+    return {"Authorization": f"Bearer {token}"}
 
 
 class Node:
@@ -113,13 +121,17 @@ class Node:
         self.service.start()
         assert self.service.wait_ready(5)
         assert self.service.dead_letters is not None
-        dead = make_entry(DEAD_LETTER_ID, source="default", destination="default")
-        self.service.dead_letters.record(dead, "rejected by the test", 5)
+        for payload_id in (DEAD_LETTER_ID, BASIC_DEAD_LETTER_ID):
+            dead = make_entry(payload_id, source="default", destination="default")
+            self.service.dead_letters.record(dead, "rejected by the test", 5)
         self.client = falcon.testing.TestClient(create_app(self.service, logger))
 
-    def call(self, endpoint: Endpoint, token_class: str, marker: str = "") -> falcon.testing.Result:
+    def call(
+        self, endpoint: Endpoint, token_class: str, marker: str = "", *, scheme: str = "Bearer"
+    ) -> falcon.testing.Result:
         body = orjson.dumps({"note": marker or "matrix"}) if endpoint.method == "POST" else None
-        return self.client.simulate_request(endpoint.method, endpoint.path, headers=headers_for(token_class), body=body)
+        headers = headers_for(token_class, scheme=scheme)
+        return self.client.simulate_request(endpoint.method, endpoint.path, headers=headers, body=body)
 
     def close(self) -> None:
         self.service.shutdown(5)
@@ -134,7 +146,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 
 
 def assert_contract_error(result: falcon.testing.Result, status: int, code: str) -> None:
-    """The contract's error shape with the expected code; a 401 names the Bearer scheme."""
+    """The contract's error shape with the expected code; a 401 names the Bearer and Basic schemes."""
     assert result.status_code == status, result.text
     body = result.json
     assert set(body) >= {"error", "message", "details"}, body
@@ -143,7 +155,7 @@ def assert_contract_error(result: falcon.testing.Result, status: int, code: str)
     assert body["message"]
     assert isinstance(body["details"], dict)
     if status == 401:
-        assert result.headers["WWW-Authenticate"].startswith("Bearer")
+        assert result.headers["WWW-Authenticate"] == 'Bearer realm="nexus", Basic realm="nexus"'
 
 
 class TestAccessMatrix:
@@ -158,6 +170,25 @@ class TestAccessMatrix:
         expected = endpoint.expected[token_class]
 
         result = node.call(endpoint, token_class)
+
+        if expected == 401:
+            assert_contract_error(result, 401, "unauthorized")
+        elif expected == 403:
+            assert_contract_error(result, 403, endpoint.forbidden_code)
+        else:
+            assert result.status_code == expected, result.text
+
+    @pytest.mark.parametrize(("endpoint_name", "token_class"), CELLS, ids=[f"{e}-{t}" for e, t in CELLS])
+    def test_basic_with_the_token_as_password_answers_as_bearer_does(
+        self, node: Node, endpoint_name: str, token_class: str
+    ) -> None:
+        """Every cell again with the token as Basic's password (any user name): the same status as with Bearer."""
+        endpoint = ENDPOINTS[endpoint_name]
+        expected = endpoint.expected[token_class]
+        if endpoint_name == "admin_retry":
+            endpoint = replace(endpoint, path=endpoint.path.replace(DEAD_LETTER_ID, BASIC_DEAD_LETTER_ID))
+
+        result = node.call(endpoint, token_class, scheme="Basic")
 
         if expected == 401:
             assert_contract_error(result, 401, "unauthorized")
@@ -264,6 +295,68 @@ class TestConstantTimeTokens:
         assert found == principal
         assert len(compare.calls) == self.SOURCES + 1
         assert {a for a, _ in compare.calls} == {presented.encode()}
+
+    def test_identify_compares_a_basic_password_against_every_token(
+        self, tmp_path: Path, compare: RecordingCompare
+    ) -> None:
+        """Basic's password is the token: identify finds its source, comparing it with every token as for Bearer."""
+        auth = Authenticator(many_sources_settings(tmp_path, self.SOURCES))
+        credential = base64.b64encode(b"any-user:token-of-source-0").decode("ascii")
+
+        found = auth.identify(f"Basic {credential}")
+
+        assert found == Principal("source", "s0")
+        assert len(compare.calls) == self.SOURCES + 1
+        assert {a for a, _ in compare.calls} == {b"token-of-source-0"}
+
+
+class TestPresentedToken:
+    """What an Authorization header carries: Bearer's credential, Basic's password (RFC 7617), or nothing."""
+
+    @pytest.mark.parametrize(
+        ("authorization", "token"),
+        [
+            ("Bearer abc", "abc"),
+            ("bearer   abc ", "abc"),
+            ("Basic " + base64.b64encode(b"user:abc").decode(), "abc"),
+            ("BASIC " + base64.b64encode(b":abc").decode(), "abc"),
+            ("Basic " + base64.b64encode(b"user:a:b:c").decode(), "a:b:c"),
+            ("Basic " + base64.b64encode("ünï:päss".encode()).decode(), "päss"),
+        ],
+        ids=["bearer", "bearer-case-and-spaces", "basic", "basic-empty-user", "basic-colons-in-password", "utf8"],
+    )
+    def test_the_token_is_bearers_credential_or_basics_password(self, authorization: str, token: str) -> None:
+        """Bearer's credential, or the part of Basic's "user:password" after the first colon, is the token."""
+        assert presented_token(authorization) == token
+
+    @pytest.mark.parametrize(
+        "authorization",
+        [
+            None,
+            "",
+            "Bearer",
+            "Basic",
+            "Basic " + base64.b64encode(b"no-colon").decode(),
+            "Basic " + base64.b64encode(b"user:").decode(),
+            "Basic %%%not-base64",
+            "Basic " + base64.b64encode(b"user:\xff").decode(),
+            "Digest abc",
+        ],
+        ids=[
+            "absent",
+            "empty",
+            "bearer-alone",
+            "basic-alone",
+            "no-colon",
+            "empty-password",
+            "bad-base64",
+            "not-utf8",
+            "other-scheme",
+        ],
+    )
+    def test_a_malformed_or_other_credential_carries_no_token(self, authorization: str | None) -> None:
+        """Basic without a colon, with an empty password, not base64 or not UTF-8, and other schemes carry no token."""
+        assert presented_token(authorization) is None
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ import orjson
 
 from ..logs import Logger
 
+#: The challenges of a 401: a token as Bearer (RFC 6750), or as Basic's password (RFC 7617).
+WWW_AUTHENTICATE = 'Bearer realm="nexus", Basic realm="nexus"'
+
 
 class ApiError(falcon.HTTPError):
     """An error response with the API's code and message."""
@@ -34,8 +37,8 @@ class ApiError(falcon.HTTPError):
         if retry_after is not None:
             headers["Retry-After"] = str(retry_after)
         if status == falcon.HTTP_401:
-            # RFC 9110 section 11.6.1: a 401 names the scheme it wants.
-            headers["WWW-Authenticate"] = 'Bearer realm="nexus"'
+            # RFC 9110 section 11.6.1: a 401 names the schemes it takes (auth.presented_token).
+            headers["WWW-Authenticate"] = WWW_AUTHENTICATE
         super().__init__(status, title=code, description=message, headers=headers)
         self.error_code = code
         self.message = message

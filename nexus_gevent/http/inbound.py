@@ -23,6 +23,7 @@ from ..auth import Principal
 from ..config import Settings
 from ..destinations import PayloadCheck
 from ..ingest import Ingest, WriteResult
+from . import _encoding
 from .errors import ApiError, answer_error
 
 #: Idempotency-Key: up to 255 visible ASCII characters (docs/openapi.yaml).
@@ -126,19 +127,44 @@ def _read_some(stream: Any, size: int) -> bytes:
     return data
 
 
+#: The media types of a JSON body, besides any application/*+json (the +json suffix, RFC 6839 section 3.1).
+JSON_MEDIA_TYPES = ("application/json", "application/x-ndjson", "application/jsonl")
+_ACCEPTED_TYPES = "application/json, application/*+json, application/x-ndjson or application/jsonl"
+
+
 def check_content_type(req: falcon.Request) -> None:
-    """415 (RFC 9110 section 15.5.16) for a present Content-Type other than JSON."""
+    """415 (RFC 9110 section 15.5.16) for a present Content-Type that is not JSON.
+
+    JSON is application/json (with any parameters), any application/*+json, and the
+    two names of newline-delimited JSON.
+    """
     content_type = req.content_type
     if content_type is None:
         return
     media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise ApiError(
-            falcon.HTTP_415,
-            "unsupported_media_type",
-            "Content-Type must be application/json",
-            details={"content_type": media[:100]},
-        )
+    if media in JSON_MEDIA_TYPES or _structured_json(media):
+        return
+    raise ApiError(
+        falcon.HTTP_415,
+        "unsupported_media_type",
+        f"Content-Type must be {_ACCEPTED_TYPES}",
+        details={"content_type": media[:100], "accepted_types": [*JSON_MEDIA_TYPES, "application/*+json"]},
+    )
+
+
+def _structured_json(media: str) -> bool:
+    """Whether `media` is application/<something>+json, the +json structured syntax suffix."""
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and subtype.endswith("+json") and len(subtype) > len("+json")
+
+
+def read_decoded_body(req: falcon.Request, coding: str | None, limit: int, timeout: float) -> bytes:
+    """read_body_within, then decoded from `coding` (None: as sent).
+
+    `limit` bounds both the bytes on the wire and the decoded ones.
+    """
+    body = read_body_within(req, limit, timeout)
+    return body if coding is None else _encoding.decode(body, coding, limit)
 
 
 def parse_object(body: bytes) -> dict[str, object]:
@@ -171,18 +197,31 @@ def optional_header(req: falcon.Request, name: str, code: str, limit: int) -> st
 
 
 def idempotency_key(req: falcon.Request) -> str | None:
-    """The Idempotency-Key, if any; 400 for two of them.
+    """The Idempotency-Key, else the X-Idempotency-Key some clients send, if any; 400 for two keys.
 
     The server joins repeated headers with a comma (RFC 9110 section 5.3), so a comma
     means the client sent two keys; nginx would hash only the first, and using the
-    joined text as one key would match neither. A key is therefore comma-free.
+    joined text as one key would match neither. A key is therefore comma-free. Both
+    headers with different keys are two keys too.
     """
-    key = optional_header(req, "Idempotency-Key", "invalid_idempotency_key", MAX_KEY_LENGTH)
+    key = _one_key(req, "Idempotency-Key")
+    alternative = _one_key(req, "X-Idempotency-Key")
+    if key is not None and alternative is not None and key != alternative:
+        raise ApiError(
+            falcon.HTTP_400,
+            "invalid_idempotency_key",
+            "Idempotency-Key and X-Idempotency-Key name different keys; send one of them",
+        )
+    return key if key is not None else alternative
+
+
+def _one_key(req: falcon.Request, name: str) -> str | None:
+    key = optional_header(req, name, "invalid_idempotency_key", MAX_KEY_LENGTH)
     if key is not None and "," in key:
         raise ApiError(
             falcon.HTTP_400,
             "invalid_idempotency_key",
-            "send one Idempotency-Key header, without commas (two headers arrive joined by a comma)",
+            f"send one {name} header, without commas (two headers arrive joined by a comma)",
         )
     return key
 
@@ -215,7 +254,7 @@ def _rate_limited_body(retry_after: int, rate: float, burst: int) -> bytes:
 class InboundResource:
     """Writes one entry per request."""
 
-    unauthorized_message = "a valid bearer token is required"
+    unauthorized_message = "a valid token is required: Bearer, or Basic with the token as the password"
 
     def __init__(
         self, settings: Settings, ingest: Ingest, stopping: Callable[[], bool], checks: Mapping[str, PayloadCheck]
@@ -246,9 +285,10 @@ class InboundResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response, source: str) -> None:
         req.context.source = source
         check_content_type(req)
+        coding = _encoding.content_coding(req.get_header("Content-Encoding"))
         key = idempotency_key(req)
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
-        body = read_body_within(req, self._settings.max_body_bytes, self._settings.body_timeout)
+        body = read_decoded_body(req, coding, self._settings.max_body_bytes, self._settings.body_timeout)
         value = parse_object(body)
         if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
