@@ -328,7 +328,6 @@ SLOW = {"NEXUS_RATE_LIMIT_PER_SECOND": "0.001", "NEXUS_RATE_LIMIT_BURST": "5"}
 class TestBatchRateLimit:
     """A batch of n entries takes n of its source's tokens."""
 
-
     def test_a_batch_takes_one_token_per_entry(self, harness: Harness) -> None:
         """Burst 5: a batch of 3 passes, a second of 3 is 429 with nothing stored, a batch of 2 then passes."""
         node = harness.start(SLOW)
