@@ -75,12 +75,12 @@ class Backlog:
     def holds(self, payload_id: str) -> bool:
         return payload_id in self._waiting or self.queue.holds(payload_id)
 
-    def reserve(self) -> bool:
-        """Hold one queue slot for an entry about to be written (the `reject` policy).
+    def reserve(self, n: int = 1) -> bool:
+        """Hold `n` queue slots for entries about to be written (the `reject` policy): all or none.
 
         Entries already waiting go first: while any wait, there is no room to promise.
         """
-        return not self._waiting and self.reservations.hold()
+        return not self._waiting and self.reservations.hold(n)
 
     def offer(self, entry: Entry, *, reserved: bool = False) -> bool:
         """Queue `entry`, or keep it waiting; True when it went to the queue (or needs no place).

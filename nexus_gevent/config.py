@@ -74,6 +74,8 @@ DEFAULT_QUEUE_WORKERS = 4
 DEFAULT_DRAIN_TIMEOUT = 20.0
 #: Contract default: the largest request body accepted.
 DEFAULT_MAX_BODY_BYTES = 1_048_576
+#: Contract default: the most entries one batch (a JSON array, or NDJSON lines) may hold.
+DEFAULT_MAX_BATCH_ENTRIES = 1000
 #: A day: longer than any client's retry loop is expected to last.
 DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
 #: Seconds a request body may take to arrive: a client that stops sending must not hold
@@ -105,6 +107,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "initial_backoff",
         "drain_timeout",
         "max_body_bytes",
+        "max_batch_entries",
         "shed_policy",
         "log_level",
         "metrics_public",
@@ -176,6 +179,7 @@ class Settings:
     initial_backoff: float = DEFAULT_INITIAL_BACKOFF
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_batch_entries: int = DEFAULT_MAX_BATCH_ENTRIES
     shed_policy: ShedPolicy = "durable"
     log_level: str = "INFO"
     metrics_public: bool = False
@@ -231,6 +235,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     initial_backoff = layers.seconds("initial_backoff", DEFAULT_INITIAL_BACKOFF)
     drain_timeout = layers.seconds("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
     max_body_bytes = layers.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
+    max_batch_entries = layers.integer("max_batch_entries", DEFAULT_MAX_BATCH_ENTRIES, minimum=1)
     idempotency_window = layers.seconds("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
     body_timeout = layers.seconds("body_timeout", DEFAULT_BODY_TIMEOUT)
     query_page_bytes = layers.integer("query_page_bytes", DEFAULT_QUERY_PAGE_BYTES, minimum=1)
@@ -274,6 +279,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         initial_backoff=initial_backoff,
         drain_timeout=drain_timeout,
         max_body_bytes=max_body_bytes,
+        max_batch_entries=max_batch_entries,
         shed_policy=shed_policy,
         log_level=log_level,
         metrics_public=metrics_public,

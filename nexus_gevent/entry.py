@@ -30,6 +30,10 @@ class Entry(NamedTuple):
     received_at: float
     subject: str | None = None
     idempotency_key: str | None = None
+    #: For an entry of a batch written under an Idempotency-Key (the key names the whole
+    #: batch): (its 0-based position, the batch's size), so that replay can claim the key
+    #: for the whole batch again. None otherwise.
+    batch: tuple[int, int] | None = None
 
     def decode_payload(self) -> dict[str, object]:
         """The payload as a dict; raises PayloadDecodeError if it is not a JSON object."""

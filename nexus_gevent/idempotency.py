@@ -1,4 +1,4 @@
-"""The idempotency index: (source, Idempotency-Key) -> the payload_id that owns it.
+"""The idempotency index: (source, Idempotency-Key) -> the payload_id (or a batch's payload_ids) that owns it.
 
 Shared by every worker of the data directory (one SQLite file) and kept on disk, so a
 retry that lands on another worker, or comes after a restart, finds the entry its first
@@ -9,16 +9,26 @@ requests race, both entries are in the WAL but only the first claim wins; the
 loser's entry is settled as DISCARDED and never delivered. A crash between the WAL
 append and the claim is repaired at replay, which claims the keys of the entries it
 finds (and discards the losers).
+
+A key sent with a batch names the whole batch: its row keeps the batch's first id in
+`payload_id` and every id, in order, in `payload_ids` (NULL for a single entry).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
+
+import orjson
 
 from ._sqlite_thread import SQLiteThread, transaction
+
+#: The schema's version, kept in PRAGMA user_version. 0: the first table; 1 added the
+#: `payload_ids` column (a batch's ids). A file of version 0 is migrated when opened.
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -26,13 +36,44 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     key TEXT NOT NULL,
     payload_id TEXT NOT NULL,
     created_at REAL NOT NULL,
+    payload_ids TEXT NULL,
     PRIMARY KEY (source, key)
 ) WITHOUT ROWID
 """
 
+#: Who owns a key: the payload_id of a single-entry write, or a batch's payload_ids in order.
+Owner = str | list[str]
+
+
+class KeyClaim(NamedTuple):
+    """One write's claim on a key: a single entry (`batch` False, one id) or a whole batch."""
+
+    source: str
+    key: str
+    payload_ids: Sequence[str]
+    created_at: float
+    batch: bool
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute(_SCHEMA)
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(idempotency_keys)")}
+    if "payload_ids" not in columns:
+        # A file from before batches: its rows all name single entries (NULL).
+        conn.execute("ALTER TABLE idempotency_keys ADD COLUMN payload_ids TEXT NULL")
+    if int(conn.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
 
 def _setup(conn: sqlite3.Connection) -> None:
-    conn.execute(_SCHEMA)
+    # In one write transaction: workers opening an old file at once migrate it once.
+    transaction(conn, _migrate)
+
+
+def _owner(payload_id: object, payload_ids: object) -> Owner:
+    if payload_ids is None:
+        return str(payload_id)
+    return [str(pid) for pid in orjson.loads(str(payload_ids))]
 
 
 class IdempotencyIndex:
@@ -44,43 +85,64 @@ class IdempotencyIndex:
         # Opened now: a file that cannot be opened fails the worker's start, not a request.
         self._db.open()
 
-    def lookup(self, source: str, key: str) -> str | None:
-        """The payload_id that owns this key, if it is still within the window."""
+    def lookup(self, source: str, key: str) -> Owner | None:
+        """Who owns this key, if it is still within the window: a payload_id, or a batch's list."""
         floor = time.time() - self._window
         row = self._db.run(
             lambda c: c.execute(
-                "SELECT payload_id FROM idempotency_keys WHERE source = ? AND key = ? AND created_at >= ?",
+                "SELECT payload_id, payload_ids FROM idempotency_keys WHERE source = ? AND key = ? AND created_at >= ?",
                 (source, key, floor),
             ).fetchone()
         )
-        return None if row is None else str(row[0])
+        return None if row is None else _owner(row[0], row[1])
 
-    def claim(self, source: str, key: str, payload_id: str, created_at: float) -> str:
-        """Make `payload_id` own the key unless a live owner exists; return the owner."""
-        return self._db.run(lambda c: transaction(c, lambda t: self._claim(t, source, key, payload_id, created_at)))
+    def claim(self, source: str, key: str, payload_id: str, created_at: float) -> Owner:
+        """Make the single entry `payload_id` own the key unless a live owner exists; return the owner."""
+        claim = KeyClaim(source, key, (payload_id,), created_at, batch=False)
+        return self._db.run(lambda c: transaction(c, lambda t: self._claim(t, claim)[0]))
 
-    def claim_many(self, claims: Iterable[tuple[str, str, str, float]]) -> set[str]:
+    def claim_batch(self, source: str, key: str, payload_ids: Sequence[str], created_at: float) -> Owner:
+        """Make the batch `payload_ids` own the key unless a live owner exists; return the owner."""
+        claim = KeyClaim(source, key, tuple(payload_ids), created_at, batch=True)
+        return self._db.run(lambda c: transaction(c, lambda t: self._claim(t, claim)[0]))
+
+    def claim_many(self, claims: Iterable[KeyClaim]) -> set[str]:
         """Claim keys found at replay; return the payload_ids that lost their key."""
         items = list(claims)
         if not items:
             return set()
 
         def _all(t: sqlite3.Connection) -> set[str]:
-            return {pid for (src, key, pid, at) in items if self._claim(t, src, key, pid, at) != pid}
+            lost: set[str] = set()
+            for claim in items:
+                if not self._claim(t, claim)[1]:
+                    lost.update(claim.payload_ids)
+            return lost
 
         return self._db.run(lambda c: transaction(c, _all))
 
-    def _claim(self, conn: sqlite3.Connection, source: str, key: str, payload_id: str, created_at: float) -> str:
+    def _claim(self, conn: sqlite3.Connection, claim: KeyClaim) -> tuple[Owner, bool]:
+        """(the owner, whether it is this claim's write)."""
         row = conn.execute(
-            "SELECT payload_id, created_at FROM idempotency_keys WHERE source = ? AND key = ?", (source, key)
+            "SELECT payload_id, created_at, payload_ids FROM idempotency_keys WHERE source = ? AND key = ?",
+            (claim.source, claim.key),
         ).fetchone()
-        if row is not None and (row[0] == payload_id or row[1] >= time.time() - self._window):
-            return str(row[0])
+        if row is not None:
+            owner = _owner(row[0], row[2])
+            held = owner if isinstance(owner, list) else [owner]
+            # Sharing an id means the same write: a replay claiming again what was claimed
+            # before the crash, perhaps with some of a batch's entries delivered since.
+            if not set(held).isdisjoint(claim.payload_ids):
+                return owner, True
+            if row[1] >= time.time() - self._window:
+                return owner, False
+        ids = list(claim.payload_ids)
         conn.execute(
-            "INSERT OR REPLACE INTO idempotency_keys (source, key, payload_id, created_at) VALUES (?, ?, ?, ?)",
-            (source, key, payload_id, created_at),
+            "INSERT OR REPLACE INTO idempotency_keys (source, key, payload_id, created_at, payload_ids)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (claim.source, claim.key, ids[0], claim.created_at, orjson.dumps(ids).decode() if claim.batch else None),
         )
-        return payload_id
+        return (ids if claim.batch else ids[0]), True
 
     def prune(self) -> int:
         """Forget keys older than the window; returns how many went."""

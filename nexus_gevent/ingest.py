@@ -1,12 +1,15 @@
 """The write path: idempotency check, rate limit, durable WAL append, key claim, enqueue.
 
 It reads like the sentence it implements; the HTTP layer has already authenticated
-and validated, and maps the outcome (or the domain error raised) to a status.
+and validated, and maps the outcome (or the domain error raised) to a status. A batch
+takes the same path as one entry, all or nothing: every one of its entries is appended
+in one group commit, and the batch is answered once that one durable write is done.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, NamedTuple
 
 import gevent.event
@@ -15,7 +18,7 @@ from . import metrics
 from .backlog import Backlog
 from .entry import Entry, new_payload_id
 from .errors import WalUnavailable
-from .idempotency import IdempotencyIndex
+from .idempotency import IdempotencyIndex, KeyClaim, Owner
 from .logs import Logger
 from .rate_limit import TokenBucket
 from .wal import Wal
@@ -24,8 +27,10 @@ Outcome = Literal["accepted", "duplicate", "shed", "rejected", "rate_limited"]
 
 
 class WriteResult(NamedTuple):
-    """What became of one write. `payload_id` is None only for a `rejected` or `rate_limited` write.
+    """What became of one write: one entry (`payload_id`) or a batch (`payload_ids`, in order).
 
+    Neither is set for a `rejected` or `rate_limited` write. A duplicate carries what
+    its key names: a single entry's id, or the ids of the batch first sent with it.
     A named tuple: one is built per request, and a frozen dataclass costs a
     `object.__setattr__` per field.
     """
@@ -33,6 +38,49 @@ class WriteResult(NamedTuple):
     outcome: Outcome
     payload_id: str | None
     retry_after: int | None = None
+    payload_ids: list[str] | None = None
+
+
+def _duplicate(owner: Owner) -> WriteResult:
+    if isinstance(owner, str):
+        return WriteResult("duplicate", owner)
+    return WriteResult("duplicate", None, None, owner)
+
+
+def _duplicate_of(result: WriteResult) -> WriteResult | None:
+    """`result` as the answer to a racing request with the same key; None when it stored nothing."""
+    if result.outcome == "rejected":
+        return None
+    if result.payload_ids is not None:
+        return WriteResult("duplicate", None, None, result.payload_ids)
+    if result.payload_id is not None:
+        return WriteResult("duplicate", result.payload_id)
+    return None
+
+
+def key_claims(entries: Iterable[Entry]) -> list[KeyClaim]:
+    """The idempotency claims of entries found on disk: one per single entry, one per batch.
+
+    The entries of one batch share its key, source and receive time, and each knows its
+    position in the batch (Entry.batch), so the batch's list of ids is rebuilt in order.
+    Some of a batch may be missing (delivered since its key was claimed): the index then
+    recognises the claim by the ids it shares with the one it holds.
+    """
+    claims: list[KeyClaim] = []
+    batches: dict[tuple[str, str, float], list[Entry]] = {}
+    for entry in entries:
+        key = entry.idempotency_key
+        if key is None:
+            continue
+        if entry.batch is None:
+            claims.append(KeyClaim(entry.source, key, (entry.payload_id,), entry.received_at, batch=False))
+        else:
+            batches.setdefault((entry.source, key, entry.received_at), []).append(entry)
+    for (source, key, received_at), members in batches.items():
+        members.sort(key=lambda m: m.batch[0] if m.batch is not None else 0)
+        ids = tuple(m.payload_id for m in members)
+        claims.append(KeyClaim(source, key, ids, received_at, batch=True))
+    return claims
 
 
 class Ingest:
@@ -64,29 +112,44 @@ class Ingest:
     ) -> WriteResult:
         """Accept one entry; raises WalUnavailable when it could not be made durable."""
         try:
-            return self._write_once(source, destination, payload, subject, key)
+            if key is None:
+                return self._write(source, destination, payload, subject, None)
+            return self._once(source, key, lambda: self._write(source, destination, payload, subject, key))
         except WalUnavailable:
             metrics.WAL_FAILURES.inc()
             raise
 
-    def _write_once(
-        self, source: str, destination: str, payload: bytes, subject: str | None, key: str | None
+    def write_batch(
+        self, source: str, destination: str, payloads: Sequence[bytes], *, subject: str | None, key: str | None
     ) -> WriteResult:
-        if key is None:
-            return self._write(source, destination, payload, subject, None)
+        """Accept every entry of a batch, or none; raises WalUnavailable when they could not be made durable.
+
+        `key` names the whole batch. The caller keeps a batch within the source's burst.
+        """
+        try:
+            if key is None:
+                return self._write_batch(source, destination, payloads, subject, None)
+            return self._once(source, key, lambda: self._write_batch(source, destination, payloads, subject, key))
+        except WalUnavailable:
+            metrics.WAL_FAILURES.inc()
+            raise
+
+    def _once(self, source: str, key: str, write: Callable[[], WriteResult]) -> WriteResult:
+        """`write()` unless the key is taken, by a stored write or by one of this worker's in flight."""
         owner = self._index.lookup(source, key)
         if owner is not None:
-            return WriteResult("duplicate", owner)
+            return _duplicate(owner)
         slot = (source, key)
         racing = self._in_flight.get(slot)
         if racing is not None:
             first = racing.get()
-            if first is not None and first.payload_id is not None and first.outcome != "rejected":
-                return WriteResult("duplicate", first.payload_id)
+            duplicate = None if first is None else _duplicate_of(first)
+            if duplicate is not None:
+                return duplicate
         result_box: gevent.event.AsyncResult[WriteResult] = gevent.event.AsyncResult()
         self._in_flight[slot] = result_box
         try:
-            result = self._write(source, destination, payload, subject, key)
+            result = write()
         except BaseException as exc:
             result_box.set_exception(exc)
             raise
@@ -130,12 +193,12 @@ class Ingest:
             self._wal.append(entry)
             metrics.WAL_APPEND_LATENCY_BATCH.observe(time.perf_counter() - started)
             if key is not None:
-                owner = self._claim(source, key, entry)
+                owner = self._claim(lambda: self._index.claim(source, key, entry.payload_id, entry.received_at), entry)
                 if owner != entry.payload_id:
                     self._wal.mark_discarded([entry.payload_id])
                     if reserved:
                         backlog.reservations.release()
-                    return WriteResult("duplicate", owner)
+                    return _duplicate(owner)
         except BaseException:
             if reserved:
                 backlog.reservations.release()
@@ -148,11 +211,69 @@ class Ingest:
             return WriteResult("accepted", entry.payload_id)
         return WriteResult("shed", entry.payload_id, backlog.retry_after())
 
-    def _claim(self, source: str, key: str, entry: Entry) -> str:
+    def _write_batch(
+        self, source: str, destination: str, payloads: Sequence[bytes], subject: str | None, key: str | None
+    ) -> WriteResult:
+        # The single-entry path's steps, for n entries at once: a batch takes n tokens,
+        # reserves n slots under `reject`, and is one WAL append (one group commit).
+        n = len(payloads)
+        bucket = self._limits.get(source)
+        if bucket is not None:
+            wait = bucket.take(n)
+            if wait is not None:
+                return WriteResult("rate_limited", None, wait)
+        backlog = self._backlogs[destination]
+        reserved = False
+        if self._reject:
+            reserved = backlog.reserve(n)
+            if not reserved:
+                return WriteResult("rejected", None, backlog.retry_after())
+        received_at = time.time()
+        entries = [
+            Entry(
+                new_payload_id(),
+                source,
+                destination,
+                payload,
+                received_at,
+                subject,
+                key,
+                # Only a keyed batch needs its shape on disk: replay claims its key again.
+                None if key is None else (position, n),
+            )
+            for position, payload in enumerate(payloads)
+        ]
+        ids = [entry.payload_id for entry in entries]
         try:
-            return self._index.claim(source, key, entry.payload_id, entry.received_at)
+            started = time.perf_counter()
+            self._wal.append_many(entries)
+            metrics.WAL_APPEND_LATENCY_BATCH.observe(time.perf_counter() - started)
+            if key is not None:
+                owner = self._claim(lambda: self._index.claim_batch(source, key, ids, received_at), *entries)
+                if owner != ids:
+                    self._wal.mark_discarded(ids)
+                    if reserved:
+                        backlog.reservations.release(n)
+                    return _duplicate(owner)
+        except BaseException:
+            if reserved:
+                backlog.reservations.release(n)
+            raise
+        # Every entry is offered, in order, even after one had to wait: under `durable`
+        # the rest wait behind it in the backlog (all of them are durable already).
+        queued = True
+        for entry in entries:
+            if not backlog.offer(entry, reserved=reserved):
+                queued = False
+        if queued:
+            return WriteResult("accepted", None, None, ids)
+        return WriteResult("shed", None, backlog.retry_after(), ids)
+
+    def _claim(self, claim: Callable[[], Owner], *entries: Entry) -> Owner:
+        try:
+            return claim()
         except Exception as exc:
-            # Without the claim a retry elsewhere could write a second entry: settle
-            # this one unacknowledged, so the client's retry is the only copy.
-            self._wal.mark_discarded([entry.payload_id])
+            # Without the claim a retry elsewhere could write a second copy: settle
+            # these entries unacknowledged, so the client's retry is the only copy.
+            self._wal.mark_discarded([entry.payload_id for entry in entries])
             raise WalUnavailable(f"idempotency index unavailable: {exc}") from exc

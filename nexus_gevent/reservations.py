@@ -22,13 +22,13 @@ class Reservations:
         """Free slots not promised yet."""
         return self._queue.free_slots - self.held
 
-    def hold(self) -> bool:
-        """Promise one free slot; False when none is left."""
-        if self.room <= 0:
+    def hold(self, n: int = 1) -> bool:
+        """Promise `n` free slots (a batch's entries: all of them or none); False when fewer are left."""
+        if self.room < n:
             return False
-        self.held += 1
+        self.held += n
         return True
 
-    def release(self) -> None:
-        """Give a slot back: its entry is being queued, or its write failed."""
-        self.held -= 1
+    def release(self, n: int = 1) -> None:
+        """Give `n` slots back: their entries are being queued, or their write failed."""
+        self.held -= n

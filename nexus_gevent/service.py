@@ -25,7 +25,7 @@ from .config import Settings
 from .deadletters import DeadLetterStore
 from .entry import Entry
 from .idempotency import IdempotencyIndex
-from .ingest import Ingest
+from .ingest import Ingest, key_claims
 from .logs import Logger
 from .outcomes import Outcomes
 from .queue import Destination
@@ -162,11 +162,10 @@ class Service:
         """Hand entries found on disk to their backlogs; returns (queued or waiting, discarded).
 
         Their idempotency keys are claimed first: an entry whose worker died between
-        its WAL append and its key claim may have lost the key to a client's retry.
+        its WAL append and its key claim may have lost the key to a client's retry. A
+        batch's key is claimed for the whole batch (`key_claims`).
         """
-        losers = self.index.claim_many(
-            (e.source, e.idempotency_key, e.payload_id, e.received_at) for e in entries if e.idempotency_key is not None
-        )
+        losers = self.index.claim_many(key_claims(entries))
         if losers:
             self.wal.mark_discarded(sorted(losers))
         taken = 0

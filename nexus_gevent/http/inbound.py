@@ -1,5 +1,9 @@
 """POST /inbound/{source}: authenticate, validate, make durable, enqueue, answer.
 
+The body is one JSON object (one entry), or a batch: a JSON array of objects, or NDJSON
+(one object a line). A batch is all or nothing: every element is checked as one entry
+would be before anything is written, and the first bad one is named by its index.
+
 202 means durable (RFC 9110 section 15.3.3: accepted, processing not finished);
 429 is RFC 6585's Too Many Requests, with a Retry-After computed from the backlog
 (`queue_full`) or from the source's token bucket (`rate_limit_exceeded`).
@@ -130,6 +134,8 @@ def _read_some(stream: Any, size: int) -> bytes:
 #: The media types of a JSON body, besides any application/*+json (the +json suffix, RFC 6839 section 3.1).
 JSON_MEDIA_TYPES = ("application/json", "application/x-ndjson", "application/jsonl")
 _ACCEPTED_TYPES = "application/json, application/*+json, application/x-ndjson or application/jsonl"
+#: Media types of a batch with one JSON object a line (NDJSON, JSON Lines).
+NDJSON_MEDIA_TYPES = frozenset({"application/x-ndjson", "application/jsonl"})
 
 
 def check_content_type(req: falcon.Request) -> None:
@@ -167,16 +173,28 @@ def read_decoded_body(req: falcon.Request, coding: str | None, limit: int, timeo
     return body if coding is None else _encoding.decode(body, coding, limit)
 
 
-def parse_object(body: bytes) -> dict[str, object]:
-    """The body as one JSON object, nested at most MAX_NESTING deep; 400 otherwise."""
+def is_ndjson(content_type: str | None) -> bool:
+    """Whether a (checked) Content-Type announces NDJSON: a batch of one JSON object a line."""
+    if content_type is None or content_type == falcon.MEDIA_JSON:
+        # The common case costs one comparison.
+        return False
+    return content_type.split(";", 1)[0].strip().lower() in NDJSON_MEDIA_TYPES
+
+
+def parse_body(body: bytes) -> dict[str, object] | list[object]:
+    """The body parsed once: one JSON object (nested at most MAX_NESTING deep), or a batch's array; 400 otherwise."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(
             falcon.HTTP_400, "invalid_json", f"the body is not valid JSON: {exc.msg}", details={"position": exc.pos}
         ) from None
+    if type(value) is list:
+        return value
     if not isinstance(value, dict):
-        raise ApiError(falcon.HTTP_400, "invalid_body", "the body must be a JSON object")
+        raise ApiError(
+            falcon.HTTP_400, "invalid_body", "the body must be a JSON object, or an array of objects (a batch)"
+        )
     if nesting_exceeds(body, value):
         raise ApiError(
             falcon.HTTP_400,
@@ -185,6 +203,87 @@ def parse_object(body: bytes) -> dict[str, object]:
             details={"max_nesting": MAX_NESTING},
         )
     return value
+
+
+def parse_object(body: bytes) -> dict[str, object]:
+    """The body as one JSON object, nested at most MAX_NESTING deep; 400 otherwise."""
+    value = parse_body(body)
+    if not isinstance(value, dict):
+        raise ApiError(falcon.HTTP_400, "invalid_body", "the body must be a JSON object")
+    return value
+
+
+def _too_many(count: int, limit: int) -> ApiError:
+    return ApiError(
+        falcon.HTTP_413,
+        "batch_too_large",
+        f"a batch holds at most {limit} entries; this one holds {count}; nothing was stored",
+        details={"entries": count, "max_batch_entries": limit},
+    )
+
+
+def _empty_batch() -> ApiError:
+    return ApiError(falcon.HTTP_400, "invalid_body", "the batch holds no entries", details={"entries": 0})
+
+
+def _bad_element(index: int, message: str, **details: object) -> ApiError:
+    return ApiError(
+        falcon.HTTP_400,
+        "invalid_body",
+        f"batch element {index}: {message}; nothing of the batch was stored",
+        details={"index": index, **details},
+    )
+
+
+def array_batch(values: list[object], limit: int) -> list[tuple[bytes, dict[str, object]]]:
+    """A JSON array's elements as entries: (the element's JSON text, its value); 400 or 413 otherwise.
+
+    Each element is stored as its own JSON text, encoded again from the parsed value (the
+    same JSON value; the client's whitespace inside the array is not kept).
+    """
+    if not values:
+        raise _empty_batch()
+    if len(values) > limit:
+        raise _too_many(len(values), limit)
+    entries: list[tuple[bytes, dict[str, object]]] = []
+    for index, value in enumerate(values):
+        if not isinstance(value, dict):
+            raise _bad_element(index, "not a JSON object")
+        entries.append((_checked(index, orjson.dumps(value), value), value))
+    return entries
+
+
+def ndjson_batch(body: bytes, limit: int) -> list[tuple[bytes, dict[str, object]]]:
+    """NDJSON's lines as entries: (the line as sent, its value); blank lines skipped; 400 or 413 otherwise.
+
+    `index` counts entries (blank lines are not entries), so it matches payload_ids.
+    """
+    lines = [line for line in (raw.strip() for raw in body.split(b"\n")) if line]
+    if not lines:
+        raise _empty_batch()
+    if len(lines) > limit:
+        raise _too_many(len(lines), limit)
+    entries: list[tuple[bytes, dict[str, object]]] = []
+    for index, line in enumerate(lines):
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(
+                falcon.HTTP_400,
+                "invalid_json",
+                f"batch line {index} is not valid JSON: {exc.msg}; nothing of the batch was stored",
+                details={"index": index, "position": exc.pos},
+            ) from None
+        if not isinstance(value, dict):
+            raise _bad_element(index, "not a JSON object")
+        entries.append((_checked(index, line, value), value))
+    return entries
+
+
+def _checked(index: int, raw: bytes, value: dict[str, object]) -> bytes:
+    if nesting_exceeds(raw, value):
+        raise _bad_element(index, f"arrays and objects nest deeper than {MAX_NESTING} levels", max_nesting=MAX_NESTING)
+    return raw
 
 
 def optional_header(req: falcon.Request, name: str, code: str, limit: int) -> str | None:
@@ -289,7 +388,17 @@ class InboundResource:
         key = idempotency_key(req)
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
         body = read_decoded_body(req, coding, self._settings.max_body_bytes, self._settings.body_timeout)
-        value = parse_object(body)
+        if is_ndjson(req.content_type):
+            self._post_batch(
+                req, resp, source, ndjson_batch(body, self._settings.max_batch_entries), subject=subject, key=key
+            )
+            return
+        value = parse_body(body)
+        if type(value) is list:
+            self._post_batch(
+                req, resp, source, array_batch(value, self._settings.max_batch_entries), subject=subject, key=key
+            )
+            return
         if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
         destination = self._settings.source(source).destination  # type: ignore[union-attr]
@@ -309,16 +418,59 @@ class InboundResource:
             return
         self._answer(req, resp, result)
 
-    def _count(self, source: str, result: WriteResult) -> None:
+    def _post_batch(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        source: str,
+        entries: list[tuple[bytes, dict[str, object]]],
+        *,
+        subject: str | None,
+        key: str | None,
+    ) -> None:
+        """Write a checked batch, all or nothing, and answer it with its payload_ids."""
+        if self._stopping():
+            raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
+        limit = self._limits.get(source)
+        if limit is not None and len(entries) > limit[1]:
+            # A batch takes one token an entry: one larger than the burst could never
+            # pass, and a 429 would only invite a retry that can never succeed.
+            rate, burst = limit
+            raise ApiError(
+                falcon.HTTP_413,
+                "batch_too_large",
+                f"this source's rate limit lets at most {burst} entries through at once (its burst); "
+                f"this batch holds {len(entries)}; nothing was stored",
+                details={"entries": len(entries), "rate_limit_burst": burst, "rate_limit_per_second": rate},
+            )
+        destination = self._settings.source(source).destination  # type: ignore[union-attr]
+        check = self._checks.get(destination)
+        if check is not None:
+            for index, (raw, value) in enumerate(entries):
+                refusal = check.unstorable(raw, value)
+                if refusal is not None:
+                    raise _bad_element(
+                        index, f"the destination cannot store this entry: {refusal}", destination=destination
+                    )
+        payloads = [raw for raw, _value in entries]
+        result = self._ingest.write_batch(source, destination, payloads, subject=subject, key=key)
+        self._count(source, result, len(payloads))
+        if result.outcome == "rate_limited":
+            self._answer_rate_limited(resp, source, result.retry_after or 1)
+            return
+        self._answer(req, resp, result)
+
+    def _count(self, source: str, result: WriteResult, entries: int = 1) -> None:
+        # Entries, not requests: a batch of n counts n.
         accepted, duplicates, shed, rate_limited = self._counters[source]
         if result.outcome == "accepted":
-            accepted.inc()
+            accepted.inc(entries)
         elif result.outcome == "duplicate":
-            duplicates.inc()
+            duplicates.inc(entries)
         elif result.outcome == "rate_limited":
-            rate_limited.inc()
+            rate_limited.inc(entries)
         else:
-            shed.inc()
+            shed.inc(entries)
 
     def _answer_rate_limited(self, resp: falcon.Response, source: str, retry_after: int) -> None:
         # Like the reject policy's 429, this one comes by the thousand from a noisy
@@ -331,6 +483,9 @@ class InboundResource:
 
     @staticmethod
     def _answer(req: falcon.Request, resp: falcon.Response, result: WriteResult) -> None:
+        if result.payload_ids is not None:
+            _answer_batch(req, resp, result, result.payload_ids)
+            return
         req.context.payload_id = result.payload_id
         if result.outcome == "accepted":
             resp.status = falcon.HTTP_202
@@ -361,3 +516,30 @@ class InboundResource:
             resp.data = _rejected_body(retry_after)
             return
         resp.content_type = falcon.MEDIA_JSON
+
+
+def _answer_batch(req: falcon.Request, resp: falcon.Response, result: WriteResult, payload_ids: list[str]) -> None:
+    """The answer to a batch (or to a duplicate of one): its payload_ids, in element order."""
+    # The request's log line names the batch by its first entry.
+    req.context.payload_id = payload_ids[0]
+    if result.outcome == "accepted":
+        resp.status = falcon.HTTP_202
+        resp.data = orjson.dumps({"status": "accepted", "payload_ids": payload_ids})
+    elif result.outcome == "duplicate":
+        resp.status = falcon.HTTP_200
+        resp.data = orjson.dumps({"status": "duplicate", "payload_ids": payload_ids})
+    else:
+        answer_error(
+            resp,
+            ApiError(
+                falcon.HTTP_429,
+                "queue_full",
+                "the queue is full; every entry of the batch is durable in the WAL and will be delivered: "
+                "do not resend it",
+                retry_after=result.retry_after,
+                extra={"payload_ids": payload_ids},
+                details={"payload_ids": payload_ids, "durable": True},
+            ),
+        )
+        return
+    resp.content_type = falcon.MEDIA_JSON

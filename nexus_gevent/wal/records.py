@@ -36,6 +36,8 @@ def encode_entry(entry: Entry) -> bytes:
         meta["j"] = entry.subject
     if entry.idempotency_key is not None:
         meta["k"] = entry.idempotency_key
+    if entry.batch is not None:
+        meta["b"] = entry.batch
     return orjson.dumps(meta) + b"\n" + entry.payload
 
 
@@ -53,8 +55,30 @@ def decode_entry_at(buf: bytes, view: memoryview, start: int, stop: int) -> Entr
     # Every field, in field order, straight through tuple.__new__: replay builds one Entry
     # per record, and the named tuple's own __new__ adds a Python call to each.
     return _new_tuple(
-        Entry, (meta["i"], meta["s"], meta["d"], buf[cut + 1 : stop], meta["t"], meta.get("j"), meta.get("k"))
+        Entry,
+        (
+            meta["i"],
+            meta["s"],
+            meta["d"],
+            buf[cut + 1 : stop],
+            meta["t"],
+            meta.get("j"),
+            meta.get("k"),
+            _batch(meta.get("b")),
+        ),
     )
+
+
+def _batch(value: object) -> tuple[int, int] | None:
+    """An entry's place in its batch, [position, size] on disk; ValueError or TypeError when malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise TypeError("an entry's batch is not [position, size]")
+    position, size = value
+    if not (isinstance(position, int) and isinstance(size, int)):
+        raise TypeError("an entry's batch is not [position, size]")
+    return (position, size)
 
 
 def encode_ids(payload_ids: Sequence[str]) -> bytes:
