@@ -327,7 +327,7 @@ def _batch_figures(b: dict[str, Any]) -> list[Figure]:
         ),
         ("batch_single", "single entries, accepted", "entries/s", ("single", "accepted_entries_per_s")),
         ("batch_raw_sqlite", "raw sqlite3 executemany, 256 a transaction", "rows/s", ("raw_sqlite", "rows_per_s")),
-        ("batch_to_single", "batch / single entries accepted", "ratio", ("ratios", "batch_to_single")),
+        ("batch_to_single", "batch / single entries accepted", "x", ("ratios", "batch_to_single")),
     ]
     return [
         _figure(key, "batch path", label, unit, [float(r[a][b_]) for r in rounds]) for key, label, unit, (a, b_) in rows
