@@ -67,6 +67,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
     rounds: list[dict[str, Any]] = results.get("rounds", [])
     if rounds:
         out.extend(_http_figures(rounds))
+    if "batch_path" in results:
+        out.extend(_batch_figures(results["batch_path"]))
     if "delivery" in results:
         out.extend(_delivery_figures(results["delivery"]))
     if "replay" in results:
@@ -311,6 +313,25 @@ def _delivery_figures(d: dict[str, Any]) -> list[Figure]:
             )
         )
     return out
+
+
+def _batch_figures(b: dict[str, Any]) -> list[Figure]:
+    rounds = b["rounds"]
+    rows = [
+        ("batch_accepted", "NDJSON batches of 100, entries accepted", "entries/s", ("batch", "accepted_entries_per_s")),
+        (
+            "batch_delivered",
+            "NDJSON batches of 100, entries delivered",
+            "entries/s",
+            ("batch", "delivered_entries_per_s"),
+        ),
+        ("batch_single", "single entries, accepted", "entries/s", ("single", "accepted_entries_per_s")),
+        ("batch_raw_sqlite", "raw sqlite3 executemany, 256 a transaction", "rows/s", ("raw_sqlite", "rows_per_s")),
+        ("batch_to_single", "batch / single entries accepted", "x", ("ratios", "batch_to_single")),
+    ]
+    return [
+        _figure(key, "batch path", label, unit, [float(r[a][b_]) for r in rounds]) for key, label, unit, (a, b_) in rows
+    ]
 
 
 def _replay_figures(r: dict[str, Any]) -> list[Figure]:

@@ -42,14 +42,14 @@ from typing import Any
 
 from nexus_gevent.logs import configure_logging
 
-from . import delivery, replay, report, shed
+from . import batch_path, delivery, replay, report, shed
 from .harness import gunicorn, log, nginx
 from .through_nginx import direct_vs_nginx
 from .write_path import BARE_APP, SERVICE_APP, ceiling, paced, saturate, wait_idle
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-SECTIONS = ("http", "curves", "delivery", "replay")
+SECTIONS = ("http", "curves", "batch", "delivery", "replay")
 CONNECTIONS = 64
 #: Offered load of the curves, as fractions of this run's ceiling.
 CURVE_FRACTIONS = (0.10, 0.25, 0.50, 0.75, 1.00, 1.25)
@@ -162,6 +162,28 @@ def curves(ceiling_rate: float, fractions: tuple[float, ...], *, seconds: float,
     return out
 
 
+def off_http(
+    only: set[str], args: argparse.Namespace, workdir: Path, durations: dict[str, float], results: dict[str, Any]
+) -> None:
+    """The sections after the HTTP rounds and curves: batch path, delivery, replay."""
+    seconds = results["seconds_per_load"]
+    if "batch" in only:
+        with timed("batch path", durations):
+            results["batch_path"] = batch_path.run(args.rounds, seconds=seconds, workdir=workdir)
+    if "delivery" in only:
+        with timed("delivery", durations):
+            results["delivery"] = delivery.run(
+                20_000 if args.quick else 100_000,
+                args.rounds,
+                postgres_url=args.postgres_url,
+                workdir=workdir,
+            )
+    if "replay" in only:
+        with timed("replay", durations):
+            sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+            results["replay"] = replay.run(sizes, args.rounds, workdir=workdir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short loads, 20k delivery backlog, no 1M replay")
@@ -219,18 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                             ceiling_rate = ceiling(bare, seconds=seconds, connections=CONNECTIONS)["accepted_per_s"]
                     fractions = CURVE_FRACTIONS_QUICK if args.quick else CURVE_FRACTIONS
                     results["curves"] = curves(ceiling_rate, fractions, seconds=min(seconds, 6.0), workdir=workdir)
-        if "delivery" in only:
-            with timed("delivery", durations):
-                results["delivery"] = delivery.run(
-                    20_000 if args.quick else 100_000,
-                    args.rounds,
-                    postgres_url=args.postgres_url,
-                    workdir=workdir,
-                )
-        if "replay" in only:
-            with timed("replay", durations):
-                sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
-                results["replay"] = replay.run(sizes, args.rounds, workdir=workdir)
+        off_http(only, args, workdir, durations, results)
     results["machine"]["loadavg_end"] = loadavg()
     results["durations_s"] = {**durations, "total": round(time.monotonic() - started, 1)}
     results["figures"] = report.figures(results)
