@@ -90,6 +90,8 @@ def _entry(payload_id: str) -> st.SearchStrategy[Entry]:
         received_at=st.floats(allow_nan=False, allow_infinity=False),
         subject=st.none() | st.text(max_size=8),
         idempotency_key=st.none() | st.text(max_size=8),
+        # An element's place in a keyed batch: (position, size), position below size.
+        batch=st.none() | st.integers(1, 1000).flatmap(lambda n: st.tuples(st.integers(0, n - 1), st.just(n))),
     )
 
 
