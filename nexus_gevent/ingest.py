@@ -366,12 +366,11 @@ class Ingest:
         duplicates: list[int] = []
         for index, key in enumerate(keys):
             # An element repeating a key of this batch takes the id its first one ended with.
-            repeat = key is not None and first_with.get(key, index) != index
-            found = ids[first_with[key]] if repeat and key is not None else ids[index]
-            assert found is not None
-            pid = found
+            first = index if key is None else first_with.get(key, index)
+            pid = ids[first]
+            assert pid is not None
             answered.append(pid)
-            if repeat or pid not in stored:
+            if first != index or pid not in stored:
                 duplicates.append(index)
         if result is None:
             return WriteResult("duplicate", None, None, answered, duplicates)

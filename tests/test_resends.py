@@ -23,11 +23,13 @@ import pytest
 import urllib3
 from urllib3.util.retry import Retry
 
-from nexus_gevent import resend_window
+from nexus_gevent import datadir, resend_window
 from nexus_gevent import service as service_module
 from nexus_gevent.config import load_settings
 from nexus_gevent.errors import ConfigError
-from nexus_gevent.testing import wait_until
+from nexus_gevent.logs import get_logger
+from nexus_gevent.testing import make_entry, wait_until
+from nexus_gevent.wal import Wal
 from tests.support.proc import (
     HOST,
     Gunicorn,
@@ -302,6 +304,31 @@ class TestBatchElementKeys:
         assert again.json == {"status": "duplicate", "payload_ids": first.json["payload_ids"]}
         assert element.status_code == 202
         assert "duplicates" not in element.json
+
+    def test_element_keys_survive_a_crash_between_the_wal_append_and_the_claim(self, harness: Harness) -> None:
+        """Elements durable in the WAL whose keys were never claimed (the worker died) have them claimed at replay."""
+        # Given a WAL directory holding two elements of a body-keyed batch, never claimed
+        wal_dir = datadir.wal_root(harness.data_dir) / "w0"
+        wal_dir.mkdir(parents=True, mode=0o700)
+        entries = [
+            make_entry(
+                f"{i:032x}", payload=orjson.dumps({"id": key}), source="default", destination="default"
+            )._replace(received_at=1_700_000_000.0, idempotency_key=key)
+            for i, key in enumerate(["a", "b"])
+        ]
+        wal = Wal(wal_dir, logger=get_logger())
+        wal.start()
+        wal.append_many(entries)
+        wal.close()
+
+        # When a service starts on that data directory (with a window reaching back to them)
+        node = harness.start({"NEXUS_IDEMPOTENCY_WINDOW": str(10 * 365 * 86_400), **KEY_FIELD})
+
+        # Then both are delivered, and each key answers with its own entry
+        ids = [entry.payload_id for entry in entries]
+        node.wait_delivered(ids)
+        again = node.post([{"id": "b"}, {"id": "a"}])
+        assert again.json == {"status": "duplicate", "payload_ids": [ids[1], ids[0]], "duplicates": [0, 1]}
 
     def test_a_shed_batch_reports_its_duplicates_too(self, harness: Harness, request: pytest.FixtureRequest) -> None:
         """A durable 429 for a keyed batch carries payload_ids and duplicates, in details too."""
