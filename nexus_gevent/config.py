@@ -17,6 +17,7 @@ The TOML file (``NEXUS_CONFIG``) looks like this::
     destination = "warehouse"      # optional; "default" if left out
     rate_limit_per_second = 50     # optional; unlimited if left out
     rate_limit_burst = 200         # optional; max(1, ceil(rate)) if left out
+    idempotency_key_field = "id"   # optional; an entry's string "id" is its idempotency key
 
 Rules:
 
@@ -38,6 +39,10 @@ Rules:
   ``[[sources]]`` table; the ``default`` source's is ``NEXUS_RATE_LIMIT_PER_SECOND`` /
   ``NEXUS_RATE_LIMIT_BURST`` (or the top-level keys, without ``[[sources]]``). No rate
   means no limit; a rate without a burst has a burst of ``max(1, ceil(rate))``.
+- A source's ``idempotency_key_field`` (in its ``[[sources]]`` table; the ``default``
+  source's is ``NEXUS_IDEMPOTENCY_KEY_FIELD``, or the top-level key without
+  ``[[sources]]``) names a top-level field of each entry whose string value is that
+  entry's idempotency key.
 
 This module holds the schema and these rules; the lookup itself (environment over
 file over default) is ``_layers.Layers``, and token references and secret files
@@ -78,6 +83,11 @@ DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEFAULT_MAX_BATCH_ENTRIES = 1000
 #: A day: longer than any client's retry loop is expected to last.
 DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
+#: Long enough for a client's retries after a 429 (urllib3, got and syslog-ng retry within
+#: seconds to a minute), short enough that an identical later entry is not taken for one.
+DEFAULT_SHED_RESEND_WINDOW = 60.0
+#: The longest idempotency_key_field: a JSON field name, kept as short as a key.
+MAX_KEY_FIELD_LENGTH = 255
 #: Seconds a request body may take to arrive: a client that stops sending must not hold
 #: its connection (and a share of the worker) for ever; 30 s is generous for 1 MiB.
 DEFAULT_BODY_TIMEOUT = 30.0
@@ -117,11 +127,14 @@ _TOP_LEVEL_KEYS = frozenset(
         "wal_segment_bytes",
         "rate_limit_per_second",
         "rate_limit_burst",
+        "idempotency_key_field",
+        "shed_resend_window",
     }
 )
 _RATE_KEY = "rate_limit_per_second"
 _BURST_KEY = "rate_limit_burst"
-_SOURCE_KEYS = frozenset({"name", "token", "destination", "can_read", _RATE_KEY, _BURST_KEY})
+_KEY_FIELD = "idempotency_key_field"
+_SOURCE_KEYS = frozenset({"name", "token", "destination", "can_read", _RATE_KEY, _BURST_KEY, _KEY_FIELD})
 _DESTINATION_KEYS = frozenset({"name", "url"})
 
 
@@ -158,6 +171,8 @@ class SourceSettings:
     rate_limit_burst: int | None = None
     #: Other sources whose records this source's token may read through /query.
     can_read: tuple[str, ...] = ()
+    #: A top-level field of each entry whose string value is that entry's idempotency key; None: none.
+    idempotency_key_field: str | None = None
 
     @property
     def readable(self) -> frozenset[str]:
@@ -184,6 +199,8 @@ class Settings:
     log_level: str = "INFO"
     metrics_public: bool = False
     idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
+    #: Seconds after a durable 429 in which the same body again is a duplicate; 0 turns it off.
+    shed_resend_window: float = DEFAULT_SHED_RESEND_WINDOW
     #: 0 turns the body timeout off.
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     query_page_bytes: int = DEFAULT_QUERY_PAGE_BYTES
@@ -225,6 +242,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     declared = _declared_destinations(layers)
     sources = _sources(layers, {d.name for d in declared} | {DEFAULT_NAME})
     readers = _readers(layers, {s[0] for s in sources})
+    key_fields = _key_fields(layers, {s[0] for s in sources})
     destinations = _with_default_destination(declared, sources, layers, data_dir)
     explicit_admin = _admin_token(layers)
     _check_distinct(sources, explicit_admin)
@@ -237,6 +255,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     max_body_bytes = layers.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
     max_batch_entries = layers.integer("max_batch_entries", DEFAULT_MAX_BATCH_ENTRIES, minimum=1)
     idempotency_window = layers.seconds("idempotency_window", DEFAULT_IDEMPOTENCY_WINDOW)
+    shed_resend_window = layers.seconds("shed_resend_window", DEFAULT_SHED_RESEND_WINDOW)
     body_timeout = layers.seconds("body_timeout", DEFAULT_BODY_TIMEOUT)
     query_page_bytes = layers.integer("query_page_bytes", DEFAULT_QUERY_PAGE_BYTES, minimum=1)
     wal_segment_bytes = layers.integer("wal_segment_bytes", DEFAULT_SEGMENT_BYTES, minimum=1)
@@ -263,6 +282,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             rate_limit_per_second=rate,
             rate_limit_burst=burst,
             can_read=readers.get(name, ()),
+            idempotency_key_field=key_fields.get(name),
         )
         for name, token, destination, (rate, burst) in sources
     ]
@@ -284,6 +304,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         metrics_public=metrics_public,
         idempotency_window=idempotency_window,
+        shed_resend_window=shed_resend_window,
         body_timeout=body_timeout,
         query_page_bytes=query_page_bytes,
         wal_segment_bytes=wal_segment_bytes,
@@ -412,6 +433,45 @@ def _readers(layers: Layers, names: set[str]) -> dict[str, tuple[str, ...]]:
             raise ConfigError(f"{where} names unknown sources {unknown}")
         readers[name] = tuple(dict.fromkeys(listed))
     return readers
+
+
+def _key_fields(layers: Layers, names: set[str]) -> dict[str, str]:
+    """Each source's idempotency_key_field; for source 'default', NEXUS_IDEMPOTENCY_KEY_FIELD wins over its key."""
+    fields: dict[str, str] = {}
+    tables = layers.tables("sources", _SOURCE_KEYS)
+    env = _env_found(layers, _KEY_FIELD)
+    if not tables:
+        found = (
+            env
+            if env is not None
+            else ((layers.toml[_KEY_FIELD], layers.where_toml(_KEY_FIELD)) if _KEY_FIELD in layers.toml else None)
+        )
+        if found is not None:
+            fields[DEFAULT_NAME] = _key_field(*found)
+        return fields
+    if _KEY_FIELD in layers.toml:
+        raise ConfigError(
+            f"{_KEY_FIELD} in {layers.origin} is the {_KEY_FIELD} of the implicit source 'default', "
+            f"which [[sources]] replaces; give each source its {_KEY_FIELD} in [[sources]]"
+        )
+    if env is not None and DEFAULT_NAME not in names:
+        # A setting that silently applies to nothing would be worse than none.
+        raise ConfigError(
+            f"{env[1]} is a setting of source 'default', which the [[sources]] in {layers.origin} do not declare"
+        )
+    for table in tables:
+        name = str(table["name"])
+        if name == DEFAULT_NAME and env is not None:
+            fields[name] = _key_field(*env)
+        elif _KEY_FIELD in table:
+            fields[name] = _key_field(table[_KEY_FIELD], f"{_KEY_FIELD} of source {name!r} in {layers.origin}")
+    return fields
+
+
+def _key_field(value: object, where: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY_FIELD_LENGTH:
+        raise ConfigError(f"{where} must be a field name of 1 to {MAX_KEY_FIELD_LENGTH} characters, got {value!r}")
+    return value
 
 
 def _table_rate_limit(layers: Layers, table: dict[str, object], name: str, where: str) -> _RateLimit:

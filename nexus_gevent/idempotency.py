@@ -11,7 +11,10 @@ append and the claim is repaired at replay, which claims the keys of the entries
 finds (and discards the losers).
 
 A key sent with a batch names the whole batch: its row keeps the batch's first id in
-`payload_id` and every id, in order, in `payload_ids` (NULL for a single entry).
+`payload_id` and every id, in order, in `payload_ids` (NULL for a single entry). A key
+taken from each element's body (a source's `idempotency_key_field`) names that one
+entry: the elements' keys are looked up, and claimed, together (`lookup_many`,
+`claim_each`), one thread hand-off and one transaction for the whole batch.
 """
 
 from __future__ import annotations
@@ -95,6 +98,30 @@ class IdempotencyIndex:
             ).fetchone()
         )
         return None if row is None else _owner(row[0], row[1])
+
+    def lookup_many(self, source: str, keys: Iterable[str]) -> dict[str, Owner]:
+        """The live owners of those of `keys` that have one, in one hand-off to the index's thread."""
+        wanted = list(dict.fromkeys(keys))
+        floor = time.time() - self._window
+
+        def _all(c: sqlite3.Connection) -> dict[str, Owner]:
+            found: dict[str, Owner] = {}
+            for key in wanted:
+                row = c.execute(
+                    "SELECT payload_id, payload_ids FROM idempotency_keys"
+                    " WHERE source = ? AND key = ? AND created_at >= ?",
+                    (source, key, floor),
+                ).fetchone()
+                if row is not None:
+                    found[key] = _owner(row[0], row[1])
+            return found
+
+        return self._db.run(_all)
+
+    def claim_each(self, claims: Sequence[KeyClaim]) -> list[Owner]:
+        """Claim every one of `claims` in one transaction; each one's owner, in order (its own ids when it won)."""
+        items = list(claims)
+        return self._db.run(lambda c: transaction(c, lambda t: [self._claim(t, claim)[0] for claim in items]))
 
     def claim(self, source: str, key: str, payload_id: str, created_at: float) -> Owner:
         """Make the single entry `payload_id` own the key unless a live owner exists; return the owner."""

@@ -4,13 +4,18 @@ It reads like the sentence it implements; the HTTP layer has already authenticat
 and validated, and maps the outcome (or the domain error raised) to a status. A batch
 takes the same path as one entry, all or nothing: every one of its entries is appended
 in one group commit, and the batch is answered once that one durable write is done.
+
+Three kinds of key make a write safe to resend: the request's key (a header: one entry,
+or a whole batch), each element's own key (from its body, `element_keys`: a batch's
+elements count one by one), and, for a write without any key, the shed resend window
+(resend_window.py: the same body again shortly after a durable 429 is a duplicate).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import gevent.event
 
@@ -21,7 +26,10 @@ from .errors import WalUnavailable
 from .idempotency import IdempotencyIndex, KeyClaim, Owner
 from .logs import Logger
 from .rate_limit import TokenBucket
+from .resend_window import Original, ResendWindow
 from .wal import Wal
+
+T = TypeVar("T")
 
 Outcome = Literal["accepted", "duplicate", "shed", "rejected", "rate_limited"]
 
@@ -39,6 +47,9 @@ class WriteResult(NamedTuple):
     payload_id: str | None
     retry_after: int | None = None
     payload_ids: list[str] | None = None
+    #: For a batch whose elements carry their own keys: the indexes of the elements that
+    #: were duplicates (their payload_ids are the originals'); None when none was.
+    duplicates: list[int] | None = None
 
 
 def _duplicate(owner: Owner) -> WriteResult:
@@ -95,8 +106,11 @@ class Ingest:
         shed_policy: str,
         logger: Logger,
         limits: dict[str, TokenBucket] | None = None,
+        resends: ResendWindow | None = None,
     ) -> None:
         self._wal = wal
+        #: None: the shed resend window is off (NEXUS_SHED_RESEND_WINDOW=0, or the reject policy).
+        self._resends = resends
         # Only the limited sources have a bucket.
         self._limits = dict(limits or {})
         self._backlogs = backlogs
@@ -113,26 +127,73 @@ class Ingest:
         """Accept one entry; raises WalUnavailable when it could not be made durable."""
         try:
             if key is None:
-                return self._write(source, destination, payload, subject, None)
+                return self._unkeyed(source, payload, lambda: self._write(source, destination, payload, subject, None))
             return self._once(source, key, lambda: self._write(source, destination, payload, subject, key))
         except WalUnavailable:
             metrics.WAL_FAILURES.inc()
             raise
 
     def write_batch(
-        self, source: str, destination: str, payloads: Sequence[bytes], *, subject: str | None, key: str | None
+        self,
+        source: str,
+        destination: str,
+        payloads: Sequence[bytes],
+        *,
+        subject: str | None,
+        key: str | None,
+        element_keys: Sequence[str | None] | None = None,
+        body: bytes | None = None,
     ) -> WriteResult:
         """Accept every entry of a batch, or none; raises WalUnavailable when they could not be made durable.
 
-        `key` names the whole batch. The caller keeps a batch within the source's burst.
+        `key` names the whole batch, and wins over `element_keys` (each element's own key,
+        or None). `body` is the decoded request body, for the shed resend window of a batch
+        without any key. The caller keeps a batch within the source's burst.
         """
         try:
+            if key is None and element_keys is not None and any(k is not None for k in element_keys):
+                return self._write_elements(source, destination, payloads, subject, element_keys)
             if key is None:
-                return self._write_batch(source, destination, payloads, subject, None)
+                return self._unkeyed(
+                    source, body, lambda: self._write_batch(source, destination, payloads, subject, None)
+                )
             return self._once(source, key, lambda: self._write_batch(source, destination, payloads, subject, key))
         except WalUnavailable:
             metrics.WAL_FAILURES.inc()
             raise
+
+    def _unkeyed(self, source: str, body: bytes | None, write: Callable[[], WriteResult]) -> WriteResult:
+        """`write()` unless this body was shed within the resend window; a shed write's body is remembered."""
+        resends = self._resends
+        if resends is None or body is None:
+            return write()
+        # The common case (nothing shed lately, in any worker) costs a memory read.
+        if resends.active():
+            original = self._shed_original(resends, source, body)
+            if original is not None:
+                return _duplicate(original)
+        result = write()
+        if result.outcome == "shed":
+            self._remember_shed(resends, source, body, result)
+        return result
+
+    def _shed_original(self, resends: ResendWindow, source: str, body: bytes) -> Original | None:
+        try:
+            return resends.lookup(source, body)
+        except Exception as exc:
+            # Storing the resend again is the safe side: a duplicate row, never a lost entry.
+            self._log.warning("resend_window_lookup_failed", source=source, error=str(exc))
+            return None
+
+    def _remember_shed(self, resends: ResendWindow, source: str, body: bytes, result: WriteResult) -> None:
+        original: Original | None = result.payload_ids if result.payload_ids is not None else result.payload_id
+        if original is None:
+            return
+        try:
+            resends.remember(source, body, original)
+        except Exception as exc:
+            # The entry is durable; only a resend of it would not be recognised.
+            self._log.warning("resend_window_write_failed", source=source, error=str(exc))
 
     def _once(self, source: str, key: str, write: Callable[[], WriteResult]) -> WriteResult:
         """`write()` unless the key is taken, by a stored write or by one of this worker's in flight."""
@@ -269,7 +330,132 @@ class Ingest:
             return WriteResult("accepted", None, None, ids)
         return WriteResult("shed", None, backlog.retry_after(), ids)
 
-    def _claim(self, claim: Callable[[], Owner], *entries: Entry) -> Owner:
+    def _write_elements(
+        self, source: str, destination: str, payloads: Sequence[bytes], subject: str | None, keys: Sequence[str | None]
+    ) -> WriteResult:
+        """A batch whose elements carry their own keys: each key counts on its own.
+
+        An element whose key is taken (by a stored write, or by an earlier element of this
+        batch) is a duplicate: its payload_id is the original's, and it is not stored. The
+        rest are stored like any batch: n tokens, n reserved slots, one WAL append. Two
+        such batches racing on a key both reach the WAL; the claim picks one, and the
+        other's entry is discarded and answered as a duplicate.
+        """
+        owners = self._index.lookup_many(source, [k for k in keys if k is not None])
+        ids: list[str | None] = [None] * len(payloads)
+        #: This batch's first element with each key; a later one with the same key is its duplicate.
+        first_with: dict[str, int] = {}
+        fresh: list[int] = []
+        for index, key in enumerate(keys):
+            if key is not None:
+                owner = owners.get(key)
+                if owner is not None:
+                    ids[index] = owner if isinstance(owner, str) else owner[0]
+                    continue
+                if key in first_with:
+                    continue
+                first_with[key] = index
+            fresh.append(index)
+        result, fresh_ids = self._store_elements(source, destination, subject, [(payloads[i], keys[i]) for i in fresh])
+        if result is not None and result.outcome in ("rate_limited", "rejected"):
+            return result
+        stored = set(result.payload_ids or ()) if result is not None else set()
+        for index, fresh_id in zip(fresh, fresh_ids, strict=True):
+            ids[index] = fresh_id
+        answered: list[str] = []
+        duplicates: list[int] = []
+        for index, key in enumerate(keys):
+            # An element repeating a key of this batch takes the id its first one ended with.
+            first = index if key is None else first_with.get(key, index)
+            pid = ids[first]
+            assert pid is not None
+            answered.append(pid)
+            if first != index or pid not in stored:
+                duplicates.append(index)
+        if result is None:
+            return WriteResult("duplicate", None, None, answered, duplicates)
+        return WriteResult(result.outcome, None, result.retry_after, answered, duplicates or None)
+
+    def _store_elements(
+        self, source: str, destination: str, subject: str | None, elements: list[tuple[bytes, str | None]]
+    ) -> tuple[WriteResult | None, list[str]]:
+        """Store `elements` (payload, key): the outcome, and each element's payload_id (the winner's, for a lost claim).
+
+        The outcome's payload_ids are those stored; it is None when none was (every claim lost).
+        """
+        n = len(elements)
+        if n == 0:
+            return None, []
+        backlog = self._backlogs[destination]
+        admitted = self._admit(source, backlog, n)
+        if isinstance(admitted, WriteResult):
+            return admitted, []
+        reserved = admitted
+        received_at = time.time()
+        # Each entry is keyed on its own (batch None): replay claims it as a single entry.
+        entries = [
+            Entry(new_payload_id(), source, destination, payload, received_at, subject, key)
+            for payload, key in elements
+        ]
+        try:
+            started = time.perf_counter()
+            self._wal.append_many(entries)
+            metrics.WAL_APPEND_LATENCY_BATCH.observe(time.perf_counter() - started)
+            ids = self._claim_each(entries)
+            stored = [entry for entry, pid in zip(entries, ids, strict=True) if pid == entry.payload_id]
+            if len(stored) < n:
+                self._wal.mark_discarded(
+                    [e.payload_id for e, pid in zip(entries, ids, strict=True) if pid != e.payload_id]
+                )
+                if reserved:
+                    backlog.reservations.release(n - len(stored))
+        except BaseException:
+            if reserved:
+                backlog.reservations.release(n)
+            raise
+        if not stored:
+            return None, ids
+        queued = True
+        for entry in stored:
+            if not backlog.offer(entry, reserved=reserved):
+                queued = False
+        stored_ids = [entry.payload_id for entry in stored]
+        if queued:
+            return WriteResult("accepted", None, None, stored_ids), ids
+        return WriteResult("shed", None, backlog.retry_after(), stored_ids), ids
+
+    def _admit(self, source: str, backlog: Backlog, n: int) -> WriteResult | bool:
+        """Take n tokens and, under `reject`, n slots: whether slots are reserved, or the refusal."""
+        bucket = self._limits.get(source)
+        if bucket is not None:
+            wait = bucket.take(n)
+            if wait is not None:
+                return WriteResult("rate_limited", None, wait)
+        if not self._reject:
+            return False
+        if not backlog.reserve(n):
+            return WriteResult("rejected", None, backlog.retry_after())
+        return True
+
+    def _claim_each(self, entries: list[Entry]) -> list[str]:
+        """Claim the key of each keyed entry (one transaction): each entry's owner, its own id when unkeyed."""
+        claims = [
+            KeyClaim(e.source, e.idempotency_key, (e.payload_id,), e.received_at, batch=False)
+            for e in entries
+            if e.idempotency_key is not None
+        ]
+        won = iter(self._claim(lambda: self._index.claim_each(claims), *entries))
+        ids: list[str] = []
+        for entry in entries:
+            if entry.idempotency_key is None:
+                ids.append(entry.payload_id)
+                continue
+            owner = next(won)
+            # A key first sent as a whole batch's header key names that batch: its first id.
+            ids.append(owner if isinstance(owner, str) else owner[0])
+        return ids
+
+    def _claim(self, claim: Callable[[], T], *entries: Entry) -> T:
         try:
             return claim()
         except Exception as exc:

@@ -26,6 +26,7 @@ from .logs import Logger, configure_logging, get_logger
 from .outcomes import Outcomes
 from .queue import Destination, Queue, QueueConfig
 from .rate_limit import RateLimits
+from .resend_window import ResendWindow
 from .retry_after import RateMeter
 from .service import Parts, Service
 from .wal import Wal, claim
@@ -90,8 +91,16 @@ def assemble(settings: Settings, logger: Logger) -> Service:
             if s.rate_limit_per_second is not None
         ],
     )
-    ingest = Ingest(wal, backlogs, index, shed_policy=settings.shed_policy, logger=log, limits=limits.buckets)
-    parts = Parts(settings, lock, wal, dead_letters, index, outcomes, destinations, backlogs, ingest, limits)
+    # Only a durable 429 stores what a client resends; under `reject` nothing is remembered.
+    resends = (
+        ResendWindow.open(settings.data_dir, window=settings.shed_resend_window)
+        if settings.shed_resend_window > 0 and settings.shed_policy == "durable"
+        else None
+    )
+    ingest = Ingest(
+        wal, backlogs, index, shed_policy=settings.shed_policy, logger=log, limits=limits.buckets, resends=resends
+    )
+    parts = Parts(settings, lock, wal, dead_letters, index, outcomes, destinations, backlogs, ingest, limits, resends)
     return Service(parts, log)
 
 

@@ -30,6 +30,7 @@ from .logs import Logger
 from .outcomes import Outcomes
 from .queue import Destination
 from .rate_limit import RateLimits
+from .resend_window import ResendWindow
 from .status import DestinationStatus, ServiceStatus, wal_directories
 from .wal import DirLock, ReplayResult, Wal, adopt_orphans
 
@@ -74,6 +75,8 @@ class Parts:
     backlogs: dict[str, Backlog]
     ingest: Ingest
     limits: RateLimits
+    #: The shed resend window; None when it is off.
+    resends: ResendWindow | None = None
 
 
 class Service:
@@ -90,6 +93,7 @@ class Service:
         self.backlogs = parts.backlogs
         self.ingest = parts.ingest
         self.limits = parts.limits
+        self.resends = parts.resends
         self._log = logger
         self.state = WorkerState.STARTING
         self.replay_result: ReplayResult | None = None
@@ -209,7 +213,7 @@ class Service:
             gevent.sleep(GAUGE_INTERVAL)
 
     def _prune_loop(self) -> None:
-        """Forget expired idempotency keys now and every PRUNE_INTERVAL; the work runs in the index's thread."""
+        """Forget expired idempotency keys and shed bodies now and every PRUNE_INTERVAL, in their stores' threads."""
         while self.state is not WorkerState.STOPPED:
             try:
                 pruned = self.index.prune()
@@ -218,6 +222,14 @@ class Service:
             else:
                 if pruned:
                     self._log.info("idempotency_keys_pruned", keys=pruned)
+            if self.resends is not None:
+                try:
+                    forgotten = self.resends.prune()
+                except Exception as exc:
+                    self._log.warning("resend_window_prune_failed", error=str(exc))
+                else:
+                    if forgotten:
+                        self._log.info("shed_bodies_pruned", bodies=forgotten)
             gevent.sleep(PRUNE_INTERVAL)
 
     def retry_dead_letter(self, payload_id: str) -> bool:
@@ -317,5 +329,7 @@ class Service:
         self.wal.close()
         self.limits.close()
         self.index.close()
+        if self.resends is not None:
+            self.resends.close()
         self.dead_letters.close()
         self.lock.close()

@@ -6,7 +6,15 @@ would be before anything is written, and the first bad one is named by its index
 
 202 means durable (RFC 9110 section 15.3.3: accepted, processing not finished);
 429 is RFC 6585's Too Many Requests, with a Retry-After computed from the backlog
-(`queue_full`) or from the source's token bucket (`rate_limit_exceeded`).
+(`queue_full`) or from the source's token bucket (`rate_limit_exceeded`). Under the
+`durable` policy a `queue_full` 429 means stored: its message says so, and that a resend
+is safe anyway (with its key always, or the same body within the shed resend window).
+
+A source's `idempotency_key_field` names a top-level field of each entry whose string
+value is that entry's key, when the request has no Idempotency-Key header (the header
+wins, and names a whole batch). Such a key obeys the header's rules, or the request is
+400 `invalid_idempotency_key` (with `details.index` in a batch); a field that is missing
+or not a string gives no key.
 """
 
 from __future__ import annotations
@@ -314,6 +322,29 @@ def idempotency_key(req: falcon.Request) -> str | None:
     return key if key is not None else alternative
 
 
+def body_key(value: dict[str, object], field: str, index: int | None = None) -> str | None:
+    """The entry's own idempotency key: its string `field`, checked like the header; None when it has none.
+
+    `index` is the element's place in a batch (None for a single entry), for the 400's details.
+    """
+    key = value.get(field)
+    if not isinstance(key, str):
+        return None
+    if key and len(key) <= MAX_KEY_LENGTH and _visible_ascii(key) and "," not in key:
+        return key
+    where = "" if index is None else f"batch element {index}: "
+    details: dict[str, object] = {"field": field}
+    if index is not None:
+        details["index"] = index
+    raise ApiError(
+        falcon.HTTP_400,
+        "invalid_idempotency_key",
+        f"{where}the idempotency key in field {field!r} must be 1 to {MAX_KEY_LENGTH} visible ASCII characters "
+        "without commas; nothing was stored",
+        details=details,
+    )
+
+
 def _one_key(req: falcon.Request, name: str) -> str | None:
     key = optional_header(req, name, "invalid_idempotency_key", MAX_KEY_LENGTH)
     if key is not None and "," in key:
@@ -369,6 +400,12 @@ class InboundResource:
             for s in settings.sources
             if s.rate_limit_per_second is not None
         }
+        #: Each source's idempotency_key_field, for the sources that have one.
+        self._key_fields = {
+            s.name: s.idempotency_key_field for s in settings.sources if s.idempotency_key_field is not None
+        }
+        self._shed_message = _shed_message(settings.shed_resend_window, batch=False)
+        self._shed_batch_message = _shed_message(settings.shed_resend_window, batch=True)
 
     def authorize(self, principal: Principal, params: dict[str, Any]) -> None:
         """403 for the admin's or another source's token; 404 (to a caller with a token) for no such source."""
@@ -389,16 +426,17 @@ class InboundResource:
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
         body = read_decoded_body(req, coding, self._settings.max_body_bytes, self._settings.body_timeout)
         if is_ndjson(req.content_type):
-            self._post_batch(
-                req, resp, source, ndjson_batch(body, self._settings.max_batch_entries), subject=subject, key=key
-            )
+            entries = ndjson_batch(body, self._settings.max_batch_entries)
+            self._post_batch(req, resp, source, entries, body, subject=subject, key=key)
             return
         value = parse_body(body)
         if type(value) is list:
-            self._post_batch(
-                req, resp, source, array_batch(value, self._settings.max_batch_entries), subject=subject, key=key
-            )
+            entries = array_batch(value, self._settings.max_batch_entries)
+            self._post_batch(req, resp, source, entries, body, subject=subject, key=key)
             return
+        field = self._key_fields.get(source)
+        if key is None and field is not None and isinstance(value, dict):
+            key = body_key(value, field)
         if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
         destination = self._settings.source(source).destination  # type: ignore[union-attr]
@@ -424,11 +462,16 @@ class InboundResource:
         resp: falcon.Response,
         source: str,
         entries: list[tuple[bytes, dict[str, object]]],
+        body: bytes,
         *,
         subject: str | None,
         key: str | None,
     ) -> None:
-        """Write a checked batch, all or nothing, and answer it with its payload_ids."""
+        """Write a checked batch, all or nothing, and answer it with its payload_ids.
+
+        Without an Idempotency-Key header, the elements' own keys (the source's
+        idempotency_key_field) count one by one.
+        """
         if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
         limit = self._limits.get(source)
@@ -452,8 +495,16 @@ class InboundResource:
                     raise _bad_element(
                         index, f"the destination cannot store this entry: {refusal}", destination=destination
                     )
+        field = self._key_fields.get(source)
+        element_keys = (
+            [body_key(value, field, index) for index, (_raw, value) in enumerate(entries)]
+            if key is None and field is not None
+            else None
+        )
         payloads = [raw for raw, _value in entries]
-        result = self._ingest.write_batch(source, destination, payloads, subject=subject, key=key)
+        result = self._ingest.write_batch(
+            source, destination, payloads, subject=subject, key=key, element_keys=element_keys, body=body
+        )
         self._count(source, result, len(payloads))
         if result.outcome == "rate_limited":
             self._answer_rate_limited(resp, source, result.retry_after or 1)
@@ -461,8 +512,11 @@ class InboundResource:
         self._answer(req, resp, result)
 
     def _count(self, source: str, result: WriteResult, entries: int = 1) -> None:
-        # Entries, not requests: a batch of n counts n.
+        # Entries, not requests: a batch of n counts n, its duplicate elements as duplicates.
         accepted, duplicates, shed, rate_limited = self._counters[source]
+        if result.duplicates and result.outcome != "duplicate":
+            duplicates.inc(len(result.duplicates))
+            entries -= len(result.duplicates)
         if result.outcome == "accepted":
             accepted.inc(entries)
         elif result.outcome == "duplicate":
@@ -481,10 +535,9 @@ class InboundResource:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = _rate_limited_body(retry_after, rate, burst)
 
-    @staticmethod
-    def _answer(req: falcon.Request, resp: falcon.Response, result: WriteResult) -> None:
+    def _answer(self, req: falcon.Request, resp: falcon.Response, result: WriteResult) -> None:
         if result.payload_ids is not None:
-            _answer_batch(req, resp, result, result.payload_ids)
+            _answer_batch(req, resp, result, result.payload_ids, self._shed_batch_message)
             return
         req.context.payload_id = result.payload_id
         if result.outcome == "accepted":
@@ -499,7 +552,7 @@ class InboundResource:
                 ApiError(
                     falcon.HTTP_429,
                     "queue_full",
-                    "the queue is full; the entry is durable in the WAL and will be delivered",
+                    self._shed_message,
                     retry_after=result.retry_after,
                     extra={"payload_id": result.payload_id},
                     details={"payload_id": result.payload_id, "durable": True},
@@ -518,27 +571,51 @@ class InboundResource:
         resp.content_type = falcon.MEDIA_JSON
 
 
-def _answer_batch(req: falcon.Request, resp: falcon.Response, result: WriteResult, payload_ids: list[str]) -> None:
-    """The answer to a batch (or to a duplicate of one): its payload_ids, in element order."""
+def _shed_message(window: float, *, batch: bool) -> str:
+    """The durable 429's message: stored, do not resend; and when a resend anyway is safe."""
+    what = "every entry of the batch is stored" if batch else "the entry is stored"
+    safe = "with the same idempotency key"
+    if window > 0:
+        safe += f", or with the same body within {window:g} s"
+    return (
+        f"the queue is full, but {what} (durable in the WAL) and will be delivered: do not resend it. "
+        f"A resend anyway is safe: {safe}, it is answered 200 duplicate"
+    )
+
+
+def _answer_batch(
+    req: falcon.Request, resp: falcon.Response, result: WriteResult, payload_ids: list[str], shed_message: str
+) -> None:
+    """The answer to a batch (or to a duplicate of one): its payload_ids, in element order.
+
+    When elements carried their own keys, `duplicates` lists the indexes of those that
+    were duplicates (their payload_ids are the originals'); a batch of duplicates only is 200.
+    """
     # The request's log line names the batch by its first entry.
     req.context.payload_id = payload_ids[0]
+    answer: dict[str, object] = {"status": result.outcome, "payload_ids": payload_ids}
+    if result.duplicates is not None:
+        answer["duplicates"] = result.duplicates
     if result.outcome == "accepted":
         resp.status = falcon.HTTP_202
-        resp.data = orjson.dumps({"status": "accepted", "payload_ids": payload_ids})
+        resp.data = orjson.dumps(answer)
     elif result.outcome == "duplicate":
         resp.status = falcon.HTTP_200
-        resp.data = orjson.dumps({"status": "duplicate", "payload_ids": payload_ids})
+        resp.data = orjson.dumps(answer)
     else:
+        extra: dict[str, object] = {"payload_ids": payload_ids}
+        details: dict[str, object] = {"payload_ids": payload_ids, "durable": True}
+        if result.duplicates is not None:
+            extra["duplicates"] = details["duplicates"] = result.duplicates
         answer_error(
             resp,
             ApiError(
                 falcon.HTTP_429,
                 "queue_full",
-                "the queue is full; every entry of the batch is durable in the WAL and will be delivered: "
-                "do not resend it",
+                shed_message,
                 retry_after=result.retry_after,
-                extra={"payload_ids": payload_ids},
-                details={"payload_ids": payload_ids, "durable": True},
+                extra=extra,
+                details=details,
             ),
         )
         return
