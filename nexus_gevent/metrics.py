@@ -30,7 +30,11 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: The spec's name (exposed with the `_total` suffix Prometheus gives every counter).
 PROCESSED = Counter("bubblefish_queue_processing_rate", "Entries written to their destination (spec name).")
 ACCEPTED = Counter("nexus_writes_accepted", "Writes acknowledged with 202.", ["source"])
-DUPLICATES = Counter("nexus_writes_duplicate", "Writes answered 200 duplicate (Idempotency-Key seen).", ["source"])
+DUPLICATES = Counter(
+    "nexus_writes_duplicate",
+    "Entries answered as duplicates (an idempotency key seen, or a resend within the shed window).",
+    ["source"],
+)
 SHED = Counter("nexus_writes_shed", "Writes answered 429 because the queue was full.", ["source", "policy"])
 RATE_LIMITED = Counter(
     "nexus_writes_rate_limited",
