@@ -24,20 +24,18 @@ is per instance.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from ._shared_map import locked, open_shared_map
 from .secrets import ensure_private_dir
 
 #: Mode of a bucket file: the data directory is its user's alone, and so is this.
-FILE_MODE = 0o600
 #: The state's layout: a magic number (a zeroed or foreign file is not a state),
 #: the tokens left and the time.monotonic() of the last refill.
 _STATE = struct.Struct("=Qdd")
@@ -64,19 +62,9 @@ class TokenBucket:
         self.rate = float(rate)
         self.burst = int(burst)
         self._clock = clock
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        try:
-            # O_CREAT's mode is filtered through the umask; set it exactly.
-            os.fchmod(fd, FILE_MODE)
-            with _locked(fd):
-                if os.fstat(fd).st_size < _STATE.size:
-                    # Zero-filled: no magic, so the first take() starts the bucket full.
-                    os.ftruncate(fd, _STATE.size)
-            self._map: mmap.mmap | None = mmap.mmap(fd, _STATE.size)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+        # A new file has no magic, so the first take() starts the bucket full.
+        self._fd, mapped = open_shared_map(path, _STATE.size)
+        self._map: mmap.mmap | None = mapped
 
     def take(self, n: int = 1) -> int | None:
         """Take `n` tokens: None when they were there, else the whole seconds until they will be (at least 1).
@@ -90,7 +78,7 @@ class TokenBucket:
         if state is None:
             # Closed: this worker has stopped, and its WAL refuses the write anyway.
             return None
-        with _locked(self._fd):
+        with locked(self._fd):
             now = self._clock()
             tokens = self._refilled(state, now)
             if tokens >= n:
@@ -118,16 +106,6 @@ class TokenBucket:
             state.close()
             os.close(self._fd)
 
-
-@contextlib.contextmanager
-def _locked(fd: int) -> Iterator[None]:
-    # flock, not lockf: flock locks belong to the open file, so two buckets on one file
-    # exclude each other in one process too; a POSIX lock would be shared by the process.
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def bucket_file(directory: Path, source: str) -> Path:

@@ -28,8 +28,6 @@ needs an idempotency key.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import math
 import mmap
@@ -37,15 +35,15 @@ import os
 import sqlite3
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
 
+from ._shared_map import locked, open_shared_map
 from ._sqlite_thread import SQLiteThread, transaction
 
 #: Mode of the hint file: the data directory is its user's alone, and so is this.
-FILE_MODE = 0o600
 #: The hint's layout: a magic number (a zeroed or foreign file is not a hint), then the
 #: latest expiry (time.time()) of any remembered body.
 _HINT = struct.Struct("=Qd")
@@ -86,19 +84,9 @@ class ResendWindow:
         if not (math.isfinite(window) and window > 0):
             raise ValueError(f"window must be a positive number of seconds, got {window!r}")
         self._window = window
-        fd = os.open(hint_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        try:
-            # O_CREAT's mode is filtered through the umask; set it exactly.
-            os.fchmod(fd, FILE_MODE)
-            with _locked(fd):
-                if os.fstat(fd).st_size < _HINT.size:
-                    # Zero-filled: no magic, so no body is remembered.
-                    os.ftruncate(fd, _HINT.size)
-            self._hint: mmap.mmap | None = mmap.mmap(fd, _HINT.size)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+        # A new hint file has no magic, so no body is remembered.
+        self._fd, mapped = open_shared_map(hint_path, _HINT.size)
+        self._hint: mmap.mmap | None = mapped
         self._db = SQLiteThread(db_path, _setup)
         # Opened now: a file that cannot be opened fails the worker's start, not a request.
         self._db.open()
@@ -149,7 +137,7 @@ class ResendWindow:
         if hint is None:
             return
         # Under the lock: two workers raising it at once keep the later of their times.
-        with _locked(self._fd):
+        with locked(self._fd):
             magic, current = _HINT.unpack_from(hint)
             if magic != _MAGIC or not math.isfinite(current) or current < until:
                 _HINT.pack_into(hint, 0, _MAGIC, until)
@@ -167,12 +155,3 @@ class ResendWindow:
             os.close(self._fd)
         self._db.close()
 
-
-@contextlib.contextmanager
-def _locked(fd: int) -> Iterator[None]:
-    # flock: the lock belongs to the open file, and a worker that dies holding it releases it.
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)

@@ -6,12 +6,16 @@ import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import structlog
 
 from nexus_gevent.logs import configure_logging
 from tests.support.proc import Launcher
+
+if TYPE_CHECKING:
+    from tests.test_http import Harness, Node
 
 
 @pytest.fixture
@@ -42,3 +46,19 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
     launcher = Launcher(tmp_path)
     yield launcher
     launcher.cleanup()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """In-process services on one data directory (tests/test_http.py's Harness), all shut down at the end."""
+    from tests.test_http import Harness
+
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+@pytest.fixture
+def node(harness: Harness) -> Node:
+    """One started in-process service with the default settings, and a TestClient on it."""
+    return harness.start()

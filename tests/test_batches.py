@@ -17,9 +17,8 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import falcon.testing
@@ -57,18 +56,6 @@ from tests.test_wal import FaultyCall, is_write_through
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 JSONL = {"Content-Type": "application/jsonl"}
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
-
-
-@pytest.fixture
-def node(harness: Harness) -> Node:
-    return harness.start()
 
 
 def ndjson(*values: object) -> bytes:

@@ -16,7 +16,6 @@ import os
 import sqlite3
 import tracemalloc
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -49,18 +48,6 @@ def compress(data: bytes, coding: str) -> bytes:
 def basic(user: str, password: str) -> dict[str, str]:
     credential = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     return {"Authorization": f"Basic {credential}"}
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
-
-
-@pytest.fixture
-def node(harness: Harness) -> Node:
-    return harness.start()
 
 
 @pytest.fixture

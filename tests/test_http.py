@@ -224,18 +224,6 @@ class WriteLock:
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
-
-
-@pytest.fixture
-def node(harness: Harness) -> Node:
-    return harness.start()
-
-
-@pytest.fixture
 def two_sources(harness: Harness) -> Node:
     return harness.start({"NEXUS_CONFIG": harness.config_file(TWO_SOURCES_TOML)})
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import sqlite3
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,13 +65,6 @@ idempotency_key_field = "id"
 name = "other"
 token = "{OTHER_TOKEN}"
 """
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
 
 
 @pytest.fixture
