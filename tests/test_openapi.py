@@ -16,11 +16,8 @@ does not serve is checked against the same operation's documented 405.
 from __future__ import annotations
 
 import base64
-import contextlib
-import sqlite3
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,6 +44,7 @@ from tests.support.proc import (
     TOKEN,
     Gunicorn,
     Launcher,
+    poisoned,
     ready,
     wait_delivered,
     wait_for,
@@ -230,20 +228,6 @@ def client(launch: Launcher, ndjson_bodies: None) -> DocumentClient:
     return DocumentClient(server)
 
 
-@contextlib.contextmanager
-def poisoned(db_path: Path) -> Iterator[None]:
-    """A trigger on nexus_entries that refuses any payload holding POISON; dropped at exit."""
-    with contextlib.closing(sqlite3.connect(db_path, timeout=30, isolation_level=None)) as conn:
-        conn.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON nexus_entries "
-            f"WHEN NEW.payload LIKE '%{POISON}%' BEGIN SELECT RAISE(ABORT, 'poison'); END"
-        )
-        try:
-            yield
-        finally:
-            conn.execute("DROP TRIGGER poison")
-
-
 @pytest.mark.process
 class TestClientFromTheDocument:
     """Every operation, called by its operationId as the document describes it, answers as documented."""
@@ -299,7 +283,7 @@ class TestClientFromTheDocument:
             assert client.call(operation_id).status_code == 200, operation_id
 
         # When an entry the destination refuses becomes a dead letter, and is listed and retried
-        with poisoned(client.server.db_path):
+        with poisoned(client.server.db_path, POISON):
             poison = client.call(
                 "writeEntries", path_parameters=source, body={"tag": POISON}, media_type="application/json"
             )

@@ -8,13 +8,9 @@ is paused where needed by holding SQLite's write lock on the destination from th
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +29,7 @@ from tests.support.proc import (
     count_rows,
     exchange,
     metric_sum,
+    poisoned,
     post_headers,
     ready,
     scrape,
@@ -300,21 +297,6 @@ class TestAdminStatus:
         assert_error_shape(exchange(server.port, "GET", "/admin/status", headers=SOURCE_AUTH), 403, "admin_only")
 
 
-@contextlib.contextmanager
-def poisoned(db_path: Path) -> Iterator[None]:
-    """A trigger on nexus_entries that refuses, as a constraint error, any payload holding POISON; dropped at exit."""
-    with contextlib.closing(sqlite3.connect(db_path, timeout=30, isolation_level=None)) as conn:
-        conn.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON nexus_entries "
-            f"WHEN NEW.payload LIKE '%{POISON}%' BEGIN SELECT RAISE(ABORT, 'poison'); END"
-        )
-        try:
-            yield
-        finally:
-            # "Fix the destination."
-            conn.execute("DROP TRIGGER IF EXISTS poison")
-
-
 def dead_letters(port: int) -> dict[str, Any]:
     response = exchange(port, "GET", "/admin/dead-letters", headers=admin_headers())
     assert response.status == 200, response
@@ -329,7 +311,7 @@ class TestDeadLetters:
         # Given two workers with two attempts per entry, and a destination that refuses one payload
         server = ready(launch(env=DEAD_LETTER_ENV))
         ledger = Ledger()
-        with poisoned(server.db_path):
+        with poisoned(server.db_path, POISON):
             # When the poison entry is written together with twenty neighbours
             with ThreadPoolExecutor(max_workers=6) as pool:
                 poison = pool.submit(write, server.port, ledger, 1000, f', "tag": "{POISON}"')

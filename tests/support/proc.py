@@ -677,3 +677,18 @@ def ready(server: Gunicorn) -> Gunicorn:
     server.wait_ready()
     wait_table(server.db_path)
     return server
+
+
+@contextlib.contextmanager
+def poisoned(db_path: Path, marker: str) -> Iterator[None]:
+    """A trigger on nexus_entries that refuses, as a constraint error, any payload holding `marker`; dropped at exit."""
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30, isolation_level=None)) as conn:
+        conn.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON nexus_entries "
+            f"WHEN NEW.payload LIKE '%{marker}%' BEGIN SELECT RAISE(ABORT, 'poison'); END"
+        )
+        try:
+            yield
+        finally:
+            # "Fix the destination."
+            conn.execute("DROP TRIGGER IF EXISTS poison")
