@@ -580,6 +580,27 @@ class TestUnstorableAtIngest:
             service.shutdown(10)
 
 
+    def test_a_batch_with_one_element_jsonb_cannot_hold_is_refused_whole(
+        self, tmp_path: Path, postgres_db_url: str
+    ) -> None:
+        """An NDJSON batch whose third element holds a NUL: 400 naming index 2 and PostgreSQL; nothing of it stored."""
+        logger = RecordingLogger()
+        service = lifecycle.assemble(load_settings(in_process_env(tmp_path, postgres_db_url)), logger)
+        service.start()
+        try:
+            assert service.wait_ready(10)
+            client = falcon.testing.TestClient(create_app(service, logger))
+            body = b'{"n": 0}\n{"n": 1}\n' + UNSTORABLE_BODIES["nul-in-a-value"] + b'\n{"n": 3}\n'
+            headers = {**post_headers(), "Content-Type": "application/x-ndjson"}
+            result = client.simulate_post("/inbound/default", body=body, headers=headers)
+            assert result.status_code == 400, result.text
+            assert result.json["details"]["index"] == 2
+            assert "PostgreSQL" in result.json["message"]
+            assert service.wal.pending_count == 0
+        finally:
+            service.shutdown(10)
+
+
 class TestBacklogFeeding:
     """A large backlog (a restart after an outage, bench/delivery.py) is fed into the queue without stalling the hub."""
 
