@@ -17,11 +17,12 @@ import sqlite3
 import tracemalloc
 import zlib
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
-from tests.support.proc import HOST, Launcher, ready, wait_delivered
+from tests.support.proc import HOST, Gunicorn, Launcher, ready, wait_delivered
 from tests.support.proc import TOKEN as PROCESS_TOKEN
 from tests.test_http import ADMIN_TOKEN, TOKEN, Harness, Node, assert_error
 
@@ -349,6 +350,25 @@ def stored_payload(db_path: Path, payload_id: str) -> str:
     return str(payload)
 
 
+def post_and_check_decoded(server: Gunicorn, body: object, decoded: bytes, **request: Any) -> None:
+    """POST `body` gzip-labelled through a plain http.client connection; 202, and the row holds `decoded`."""
+    headers = {
+        "Authorization": f"Bearer {PROCESS_TOKEN}",
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+    }
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=10)
+    try:
+        conn.request("POST", "/inbound/default", body=body, headers=headers, **request)  # type: ignore[arg-type]
+        response = conn.getresponse()
+        answer = orjson.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 202, answer
+    wait_delivered(server.db_path, [answer["payload_id"]])
+    assert stored_payload(server.db_path, answer["payload_id"]).encode() == decoded
+
+
 @pytest.mark.process
 class TestCompressedOverTheWire:
     """Under real gunicorn, compressed bodies sent by a plain http.client connection are stored decoded."""
@@ -357,47 +377,14 @@ class TestCompressedOverTheWire:
 
     def test_a_gzip_body_with_content_length_is_stored_decoded(self, launch: Launcher) -> None:
         """A gzip body with Content-Encoding and Content-Length, through gunicorn, is stored as its decoded bytes."""
-        # Given a running gunicorn
-        server = ready(launch(workers=1))
-        headers = {"Authorization": f"Bearer {PROCESS_TOKEN}", "Content-Type": "application/json"}
-        # When a gzip body is posted with its Content-Encoding
-        conn = http.client.HTTPConnection(HOST, server.port, timeout=10)
-        try:
-            conn.request(
-                "POST",
-                "/inbound/default",
-                body=gzip.compress(self.DECODED),
-                headers={**headers, "Content-Encoding": "gzip"},
-            )
-            response = conn.getresponse()
-            answer = orjson.loads(response.read())
-        finally:
-            conn.close()
+        # Given a running gunicorn; When a gzip body is posted with its Content-Encoding and Content-Length;
         # Then it is accepted and the row holds the decoded bytes
-        assert response.status == 202, answer
-        wait_delivered(server.db_path, [answer["payload_id"]])
-        assert stored_payload(server.db_path, answer["payload_id"]).encode() == self.DECODED
+        post_and_check_decoded(ready(launch(workers=1)), gzip.compress(self.DECODED), self.DECODED)
 
     def test_a_chunked_gzip_body_is_stored_decoded(self, launch: Launcher) -> None:
         """A gzip body sent with Transfer-Encoding: chunked, in several chunks, is stored as its decoded bytes."""
         # Given a running gunicorn and a gzip body cut into three chunks
-        server = ready(launch(workers=1))
         sent = gzip.compress(self.DECODED)
         chunks = [sent[:5], sent[5:20], sent[20:]]
-        headers = {
-            "Authorization": f"Bearer {PROCESS_TOKEN}",
-            "Content-Type": "application/json",
-            "Content-Encoding": "gzip",
-        }
-        # When it is posted chunked (no Content-Length)
-        conn = http.client.HTTPConnection(HOST, server.port, timeout=10)
-        try:
-            conn.request("POST", "/inbound/default", body=iter(chunks), headers=headers, encode_chunked=True)
-            response = conn.getresponse()
-            answer = orjson.loads(response.read())
-        finally:
-            conn.close()
-        # Then it is accepted and the row holds the decoded bytes
-        assert response.status == 202, answer
-        wait_delivered(server.db_path, [answer["payload_id"]])
-        assert stored_payload(server.db_path, answer["payload_id"]).encode() == self.DECODED
+        # When it is posted chunked (no Content-Length); Then it is accepted and the row holds the decoded bytes
+        post_and_check_decoded(ready(launch(workers=1)), iter(chunks), self.DECODED, encode_chunked=True)
