@@ -18,6 +18,7 @@ The TOML file (``NEXUS_CONFIG``) looks like this::
     rate_limit_per_second = 50     # optional; unlimited if left out
     rate_limit_burst = 200         # optional; max(1, ceil(rate)) if left out
     idempotency_key_field = "id"   # optional; an entry's string "id" is its idempotency key
+    otlp_subject_attribute = "host.name"  # optional; "service.name" if left out (POST /v1/logs)
 
 Rules:
 
@@ -43,6 +44,9 @@ Rules:
   source's is ``NEXUS_IDEMPOTENCY_KEY_FIELD``, or the top-level key without
   ``[[sources]]``) names a top-level field of each entry whose string value is that
   entry's idempotency key.
+- A source's ``otlp_subject_attribute`` (the same way; ``NEXUS_OTLP_SUBJECT_ATTRIBUTE``
+  for ``default``) names the OpenTelemetry attribute whose value is the subject of
+  each log record it sends to ``/v1/logs``; ``service.name`` when not set.
 
 This module holds the schema and these rules; the lookup itself (environment over
 file over default) is ``_layers.Layers``, and token references and secret files
@@ -86,6 +90,9 @@ DEFAULT_IDEMPOTENCY_WINDOW = 86_400.0
 #: Long enough for a client's retries after a 429 (urllib3, got and syslog-ng retry within
 #: seconds to a minute), short enough that an identical later entry is not taken for one.
 DEFAULT_SHED_RESEND_WINDOW = 60.0
+#: Where an OTLP log record's subject comes from unless its source says otherwise: OpenTelemetry's
+#: name of the service that emitted it (a resource attribute in the semantic conventions).
+DEFAULT_SUBJECT_ATTRIBUTE = "service.name"
 #: The longest idempotency_key_field: a JSON field name, kept as short as a key.
 MAX_KEY_FIELD_LENGTH = 255
 #: Seconds a request body may take to arrive: a client that stops sending must not hold
@@ -129,12 +136,16 @@ _TOP_LEVEL_KEYS = frozenset(
         "rate_limit_burst",
         "idempotency_key_field",
         "shed_resend_window",
+        "otlp_subject_attribute",
     }
 )
 _RATE_KEY = "rate_limit_per_second"
 _BURST_KEY = "rate_limit_burst"
 _KEY_FIELD = "idempotency_key_field"
-_SOURCE_KEYS = frozenset({"name", "token", "destination", "can_read", _RATE_KEY, _BURST_KEY, _KEY_FIELD})
+_SUBJECT_ATTRIBUTE = "otlp_subject_attribute"
+_SOURCE_KEYS = frozenset(
+    {"name", "token", "destination", "can_read", _RATE_KEY, _BURST_KEY, _KEY_FIELD, _SUBJECT_ATTRIBUTE}
+)
 _DESTINATION_KEYS = frozenset({"name", "url"})
 
 
@@ -173,6 +184,8 @@ class SourceSettings:
     can_read: tuple[str, ...] = ()
     #: A top-level field of each entry whose string value is that entry's idempotency key; None: none.
     idempotency_key_field: str | None = None
+    #: The attribute (the record's, else its resource's) whose string value is the subject of an OTLP log record.
+    otlp_subject_attribute: str = DEFAULT_SUBJECT_ATTRIBUTE
 
     @property
     def readable(self) -> frozenset[str]:
@@ -242,7 +255,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     declared = _declared_destinations(layers)
     sources = _sources(layers, {d.name for d in declared} | {DEFAULT_NAME})
     readers = _readers(layers, {s[0] for s in sources})
-    key_fields = _key_fields(layers, {s[0] for s in sources})
+    key_fields = _per_source_names(layers, {s[0] for s in sources}, _KEY_FIELD)
+    subject_attributes = _per_source_names(layers, {s[0] for s in sources}, _SUBJECT_ATTRIBUTE)
     destinations = _with_default_destination(declared, sources, layers, data_dir)
     explicit_admin = _admin_token(layers)
     _check_distinct(sources, explicit_admin)
@@ -283,6 +297,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             rate_limit_burst=burst,
             can_read=readers.get(name, ()),
             idempotency_key_field=key_fields.get(name),
+            otlp_subject_attribute=subject_attributes.get(name, DEFAULT_SUBJECT_ATTRIBUTE),
         )
         for name, token, destination, (rate, burst) in sources
     ]
@@ -435,24 +450,20 @@ def _readers(layers: Layers, names: set[str]) -> dict[str, tuple[str, ...]]:
     return readers
 
 
-def _key_fields(layers: Layers, names: set[str]) -> dict[str, str]:
-    """Each source's idempotency_key_field; for source 'default', NEXUS_IDEMPOTENCY_KEY_FIELD wins over its key."""
+def _per_source_names(layers: Layers, names: set[str], key: str) -> dict[str, str]:
+    """Each source's `key` (a field or attribute name); for source 'default', its NEXUS_ variable wins over its key."""
     fields: dict[str, str] = {}
     tables = layers.tables("sources", _SOURCE_KEYS)
-    env = _env_found(layers, _KEY_FIELD)
+    env = _env_found(layers, key)
     if not tables:
-        found = (
-            env
-            if env is not None
-            else ((layers.toml[_KEY_FIELD], layers.where_toml(_KEY_FIELD)) if _KEY_FIELD in layers.toml else None)
-        )
+        found = env if env is not None else ((layers.toml[key], layers.where_toml(key)) if key in layers.toml else None)
         if found is not None:
             fields[DEFAULT_NAME] = _key_field(*found)
         return fields
-    if _KEY_FIELD in layers.toml:
+    if key in layers.toml:
         raise ConfigError(
-            f"{_KEY_FIELD} in {layers.origin} is the {_KEY_FIELD} of the implicit source 'default', "
-            f"which [[sources]] replaces; give each source its {_KEY_FIELD} in [[sources]]"
+            f"{key} in {layers.origin} is the {key} of the implicit source 'default', "
+            f"which [[sources]] replaces; give each source its {key} in [[sources]]"
         )
     if env is not None and DEFAULT_NAME not in names:
         # A setting that silently applies to nothing would be worse than none.
@@ -463,8 +474,8 @@ def _key_fields(layers: Layers, names: set[str]) -> dict[str, str]:
         name = str(table["name"])
         if name == DEFAULT_NAME and env is not None:
             fields[name] = _key_field(*env)
-        elif _KEY_FIELD in table:
-            fields[name] = _key_field(table[_KEY_FIELD], f"{_KEY_FIELD} of source {name!r} in {layers.origin}")
+        elif key in table:
+            fields[name] = _key_field(table[key], f"{key} of source {name!r} in {layers.origin}")
     return fields
 
 

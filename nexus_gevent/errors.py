@@ -48,3 +48,7 @@ class EntryRejected(DestinationError):
 
 class PayloadDecodeError(NexusError):
     """The entry's payload is not a JSON object; it can never be delivered."""
+
+
+class MalformedOtlp(NexusError):
+    """An OTLP request body that does not decode as an ExportLogsServiceRequest; the message says where."""

@@ -143,21 +143,28 @@ class Ingest:
         key: str | None,
         element_keys: Sequence[str | None] | None = None,
         body: bytes | None = None,
+        subjects: Sequence[str | None] | None = None,
     ) -> WriteResult:
         """Accept every entry of a batch, or none; raises WalUnavailable when they could not be made durable.
 
         `key` names the whole batch, and wins over `element_keys` (each element's own key,
         or None). `body` is the decoded request body, for the shed resend window of a batch
-        without any key. The caller keeps a batch within the source's burst.
+        without any key. The caller keeps a batch within the source's burst. `subjects`, when
+        given, is each entry's own subject (an OTLP request's records name theirs), in place of
+        `subject`; it is not taken together with `element_keys`.
         """
         try:
             if key is None and element_keys is not None and any(k is not None for k in element_keys):
                 return self._write_elements(source, destination, payloads, subject, element_keys)
             if key is None:
                 return self._unkeyed(
-                    source, body, lambda: self._write_batch(source, destination, payloads, subject, None)
+                    source,
+                    body,
+                    lambda: self._write_batch(source, destination, payloads, subject, None, subjects=subjects),
                 )
-            return self._once(source, key, lambda: self._write_batch(source, destination, payloads, subject, key))
+            return self._once(
+                source, key, lambda: self._write_batch(source, destination, payloads, subject, key, subjects=subjects)
+            )
         except WalUnavailable:
             metrics.WAL_FAILURES.inc()
             raise
@@ -273,7 +280,14 @@ class Ingest:
         return WriteResult("shed", entry.payload_id, backlog.retry_after())
 
     def _write_batch(
-        self, source: str, destination: str, payloads: Sequence[bytes], subject: str | None, key: str | None
+        self,
+        source: str,
+        destination: str,
+        payloads: Sequence[bytes],
+        subject: str | None,
+        key: str | None,
+        *,
+        subjects: Sequence[str | None] | None = None,
     ) -> WriteResult:
         # The single-entry path's steps, for n entries at once: a batch takes n tokens,
         # reserves n slots under `reject`, and is one WAL append (one group commit).
@@ -297,7 +311,7 @@ class Ingest:
                 destination,
                 payload,
                 received_at,
-                subject,
+                subject if subjects is None else subjects[position],
                 key,
                 # Only a keyed batch needs its shape on disk: replay claims its key again.
                 None if key is None else (position, n),

@@ -15,6 +15,7 @@ from .admin import AdminMetricsResource, DeadLetterRetryResource, DeadLettersRes
 from .errors import destination_unavailable, serialize_error, unexpected_error_handler, wal_unavailable
 from .inbound import InboundResource
 from .middleware import Authentication, RequestContext
+from .otlp_logs import OtlpLogsResource
 from .probes import HealthResource, ReadyResource
 from .query import QueryResource
 
@@ -31,6 +32,7 @@ def create_app(service: Service, logger: Logger) -> falcon.App[falcon.Request, f
     app.add_error_handler(DestinationUnavailable, destination_unavailable)
     checks = {name: d for name, d in service.destinations.items() if isinstance(d, PayloadCheck)}
     app.add_route("/inbound/{source}", InboundResource(settings, service.ingest, lambda: service.stopping, checks))
+    app.add_route("/v1/logs", OtlpLogsResource(settings, service.ingest, lambda: service.stopping, checks))
     app.add_route("/query/{destination}", QueryResource(settings, service.destinations))
     app.add_route("/health", HealthResource())
     app.add_route("/metrics", MetricsResource() if settings.metrics_public else AdminMetricsResource())

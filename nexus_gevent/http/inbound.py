@@ -512,19 +512,7 @@ class InboundResource:
         self._answer(req, resp, result)
 
     def _count(self, source: str, result: WriteResult, entries: int = 1) -> None:
-        # Entries, not requests: a batch of n counts n, its duplicate elements as duplicates.
-        accepted, duplicates, shed, rate_limited = self._counters[source]
-        if result.duplicates and result.outcome != "duplicate":
-            duplicates.inc(len(result.duplicates))
-            entries -= len(result.duplicates)
-        if result.outcome == "accepted":
-            accepted.inc(entries)
-        elif result.outcome == "duplicate":
-            duplicates.inc(entries)
-        elif result.outcome == "rate_limited":
-            rate_limited.inc(entries)
-        else:
-            shed.inc(entries)
+        count_writes(self._counters[source], result, entries)
 
     def _answer_rate_limited(self, resp: falcon.Response, source: str, retry_after: int) -> None:
         # Like the reject policy's 429, this one comes by the thousand from a noisy
@@ -569,6 +557,22 @@ class InboundResource:
             resp.data = _rejected_body(retry_after)
             return
         resp.content_type = falcon.MEDIA_JSON
+
+
+def count_writes(counters: metrics.WriteCounters, result: WriteResult, entries: int = 1) -> None:
+    """Count a write's entries under its outcome: a batch of n counts n, its duplicate elements as duplicates."""
+    accepted, duplicates, shed, rate_limited = counters
+    if result.duplicates and result.outcome != "duplicate":
+        duplicates.inc(len(result.duplicates))
+        entries -= len(result.duplicates)
+    if result.outcome == "accepted":
+        accepted.inc(entries)
+    elif result.outcome == "duplicate":
+        duplicates.inc(entries)
+    elif result.outcome == "rate_limited":
+        rate_limited.inc(entries)
+    else:
+        shed.inc(entries)
 
 
 def _shed_message(window: float, *, batch: bool) -> str:
