@@ -12,7 +12,9 @@ protobuf client under kill -9, and the Node SDK (OTLP/JSON, marker `producers`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from nexus_gevent.config import load_settings
 from nexus_gevent.errors import ConfigError
 from nexus_gevent.testing import wait_until
+from tests.support.proc import HOST, Gunicorn, Launcher, destination_locked, metric_sum, ready, scrape, wait_for
+from tests.support.proc import TOKEN as PROCESS_TOKEN
 from tests.test_http import ADMIN_TOKEN, OTHER_TOKEN, TOKEN, TWO_SOURCES_TOML, Harness, Node, assert_error, fill_queue
 from tests.test_http import start_blocked as start_blocked_node
 
@@ -577,3 +581,156 @@ class TestPartialSuccess:
 
         assert response.partial_success.rejected_log_records == 2
         assert pg_node.wal_pending == 0
+
+
+# -- real gunicorn, real exporters -----------------------------------------------------
+
+#: Records the Python SDK emits in one test: more than one export batch of BATCH_SIZE.
+SDK_RECORDS = 120
+#: The SDK's export batch: several requests per test.
+SDK_BATCH_SIZE = 50
+
+
+def gunicorn_rows(db_path: Path) -> list[dict[str, Any]]:
+    """Every row of a gunicorn's SQLite destination, its payload parsed, oldest first."""
+    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as conn:
+        conn.row_factory = sqlite3.Row
+        try:
+            found = conn.execute("SELECT * FROM nexus_entries ORDER BY seq").fetchall()
+        except sqlite3.OperationalError:
+            return []
+    rows = [dict(row) for row in found]
+    for row in rows:
+        row["payload"] = orjson.loads(row["payload"])
+    return rows
+
+
+def wait_rows(server: Gunicorn, count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Wait until `server` delivered at least `count` rows; every row."""
+    wait_for(
+        lambda: len(gunicorn_rows(server.db_path)) >= count,
+        timeout,
+        f"{count} rows delivered",
+        describe=lambda: f"{len(gunicorn_rows(server.db_path))} rows so far\n{server.log_tail()}",
+    )
+    return gunicorn_rows(server.db_path)
+
+
+class PythonSdk:
+    """The OpenTelemetry Python SDK as an application sets it up: LoggerProvider, BatchLogRecordProcessor, OTLP/HTTP.
+
+    The exporter is the SDK's own OTLPLogExporter; it is subclassed only to record what
+    each of its export() calls returned (and for how many records), which the SDK
+    otherwise reports only in its log.
+    """
+
+    def __init__(self, port: int, *, service: str, gzip_on: bool = False, timeout: float = 30.0) -> None:
+        from opentelemetry.exporter.otlp.proto.http import Compression
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExportResult
+        from opentelemetry.sdk.resources import Resource as SdkResource
+
+        results: list[tuple[int, bool]] = []
+        self.results = results
+
+        class RecordingExporter(OTLPLogExporter):
+            def export(self, batch: Any) -> LogRecordExportResult:
+                result = super().export(batch)
+                results.append((len(batch), result == LogRecordExportResult.SUCCESS))
+                return result
+
+        exporter = RecordingExporter(
+            endpoint=f"http://{HOST}:{port}/v1/logs",
+            headers={"Authorization": f"Bearer {PROCESS_TOKEN}"},
+            compression=Compression.Gzip if gzip_on else Compression.NoCompression,
+            timeout=timeout,
+        )
+        self.provider = LoggerProvider(resource=SdkResource.create({"service.name": service}))
+        # A long schedule: export happens at force_flush, in batches of SDK_BATCH_SIZE.
+        processor = BatchLogRecordProcessor(
+            exporter, max_export_batch_size=SDK_BATCH_SIZE, schedule_delay_millis=60_000, max_queue_size=4096
+        )
+        self.provider.add_log_record_processor(processor)
+        self.logger = self.provider.get_logger("tests.otlp", "1.0.0")
+
+    def emit(self, bodies: list[str]) -> None:
+        from opentelemetry._logs import SeverityNumber
+
+        for n, body in enumerate(bodies):
+            self.logger.emit(body=body, severity_number=SeverityNumber.INFO, severity_text="INFO", attributes={"n": n})
+
+    def flush(self, timeout_millis: int = 120_000) -> bool:
+        return self.provider.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+class TestPythonSdk:
+    """The OpenTelemetry Python SDK's OTLP/HTTP exporter (protobuf) against a real gunicorn."""
+
+    @pytest.mark.parametrize("gzip_on", [False, True], ids=["plain", "gzip"])
+    def test_every_emitted_record_is_one_row_with_its_body_and_service(self, launch: Launcher, gzip_on: bool) -> None:
+        """N records from a LoggerProvider (service.name "shop"): N rows with body and service; every export succeeds."""
+        # Given a two-worker service and an SDK pointed at it
+        server = ready(launch(workers=2))
+        sdk = PythonSdk(server.port, service="shop", gzip_on=gzip_on)
+        bodies = [f"sdk record {i}" for i in range(SDK_RECORDS)]
+        try:
+            # When the application logs N records and the processor exports them
+            sdk.emit(bodies)
+            assert sdk.flush()
+        finally:
+            sdk.shutdown()
+
+        # Then every export call succeeded, and covered every record
+        assert sdk.results, "the exporter was never called"
+        assert all(ok for _n, ok in sdk.results), sdk.results
+        assert sum(n for n, _ok in sdk.results) == SDK_RECORDS
+        # ... and each record is one row, with its body, its service as resource and subject
+        rows = wait_rows(server, SDK_RECORDS)
+        assert sorted(row["payload"]["body"] for row in rows) == sorted(bodies)
+        assert {row["payload"]["resource"]["service.name"] for row in rows} == {"shop"}
+        assert {row["subject"] for row in rows} == {"shop"}
+        assert {row["payload"]["scope"]["name"] for row in rows} == {"tests.otlp"}
+        assert {row["payload"]["severity_text"] for row in rows} == {"INFO"}
+
+    def test_an_exporter_resending_after_a_full_queue_stores_nothing_new(self, launch: Launcher) -> None:
+        """Full queue: the SDK's export is 429 (stored), it resends after Retry-After, gets 200; each record one row."""
+        # Given two workers with one queue slot each, and a destination held busy
+        server = ready(launch(workers=2, env=TINY_QUEUE))
+        sdk = PythonSdk(server.port, service="shop", timeout=120)
+        bodies = [f"resent record {i}" for i in range(RESEND_RECORDS)]
+        try:
+            with destination_locked(server.db_path):
+                # When the SDK exports one request that the service sheds
+                sdk.emit(bodies)
+                assert sdk.flush()
+                # Then the export ended in success, after the service answered a 429 and a resend
+                assert sdk.results == [(RESEND_RECORDS, True)]
+                text = scrape(server.port)
+                assert metric_sum(text, "nexus_writes_shed_total") >= 1
+                assert metric_sum(text, "nexus_writes_duplicate_total") == RESEND_RECORDS
+        finally:
+            sdk.shutdown()
+
+        # ... and once the destination is back, each record is one row: the resend stored nothing
+        wait_rows(server, RESEND_RECORDS)
+        wait_for(lambda: not pending_entries(server), 60, "nothing left to deliver")
+        rows = gunicorn_rows(server.db_path)
+        assert sorted(row["payload"]["body"] for row in rows) == sorted(bodies)
+        statuses = [r["status"] for r in server.events("request") if r.get("path") == "/v1/logs"]
+        assert statuses[0] == 429
+        assert statuses[-1] == 200
+
+
+#: One queue slot and one delivery greenlet a worker: a request of a few records is shed.
+TINY_QUEUE = {"NEXUS_QUEUE_SIZE": "1", "NEXUS_QUEUE_WORKERS": "1"}
+#: Records of the shed request: few, so that its Retry-After (backlog / rate) stays short.
+RESEND_RECORDS = 4
+
+
+def pending_entries(server: Gunicorn) -> float:
+    """WAL entries not yet delivered, over every worker (/metrics)."""
+    return metric_sum(scrape(server.port), "nexus_wal_pending_entries")
