@@ -672,7 +672,7 @@ class TestPythonSdk:
 
     @pytest.mark.parametrize("gzip_on", [False, True], ids=["plain", "gzip"])
     def test_every_emitted_record_is_one_row_with_its_body_and_service(self, launch: Launcher, gzip_on: bool) -> None:
-        """N records from a LoggerProvider (service.name "shop"): N rows with body and service; every export succeeds."""
+        """N records from a LoggerProvider (service.name "shop"): N rows with body and service; each export succeeds."""
         # Given a two-worker service and an SDK pointed at it
         server = ready(launch(workers=2))
         sdk = PythonSdk(server.port, service="shop", gzip_on=gzip_on)
