@@ -14,8 +14,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import http.client
+import itertools
+import signal
 import sqlite3
+import threading
+from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,17 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from nexus_gevent.config import load_settings
 from nexus_gevent.errors import ConfigError
 from nexus_gevent.testing import wait_until
-from tests.support.proc import HOST, Gunicorn, Launcher, destination_locked, metric_sum, ready, scrape, wait_for
+from tests.support.proc import (
+    HOST,
+    Gunicorn,
+    KeepAlive,
+    Launcher,
+    destination_locked,
+    metric_sum,
+    ready,
+    scrape,
+    wait_for,
+)
 from tests.support.proc import TOKEN as PROCESS_TOKEN
 from tests.test_http import ADMIN_TOKEN, OTHER_TOKEN, TOKEN, TWO_SOURCES_TOML, Harness, Node, assert_error, fill_queue
 from tests.test_http import start_blocked as start_blocked_node
@@ -734,3 +751,144 @@ RESEND_RECORDS = 4
 def pending_entries(server: Gunicorn) -> float:
     """WAL entries not yet delivered, over every worker (/metrics)."""
     return metric_sum(scrape(server.port), "nexus_wal_pending_entries")
+
+
+#: Client threads exporting at once in the kill -9 test.
+CRASH_WRITERS = 4
+#: Records per export request in the kill -9 test.
+CRASH_REQUEST_RECORDS = 20
+#: Acknowledged records before the kill, so that there is something to lose.
+CRASH_ACKED_BEFORE_KILL = 1000
+
+
+@dataclass
+class ExportLedger:
+    """What the exporting threads sent, and which records the service acknowledged, by each record's int body.
+
+    A 200 acknowledges every record of its request (none is refused on SQLite), and so
+    does a durable 429; a request that failed on the wire loses its records (they may be
+    stored: the kill may have come after the fsync but before the answer).
+    """
+
+    sent: set[int] = field(default_factory=set)
+    acked: set[int] = field(default_factory=set)
+    lost: set[int] = field(default_factory=set)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, markers: list[int], label: str, *, acked: bool = False, lost: bool = False) -> None:
+        with self.lock:
+            self.outcomes[label] += 1
+            if acked:
+                self.acked.update(markers)
+            if lost:
+                self.lost.update(markers)
+
+    def problems(self, stored: list[object]) -> list[str]:
+        """Everything that breaks "each acknowledged record stored exactly once, and nothing else stored"."""
+        counts = Counter(stored)
+        found = [
+            f"acknowledged record {n} has {counts.get(n, 0)} rows" for n in sorted(self.acked) if counts.get(n) != 1
+        ]
+        for marker, rows in counts.items():
+            if rows > 1:
+                found.append(f"record {marker} is stored {rows} times")
+            if marker not in self.sent:
+                found.append(f"a row holds {marker!r}, which no request sent")
+            elif marker not in self.acked and marker not in self.lost:
+                found.append(f"record {marker} is stored, but its request was answered without acknowledging it")
+        return found
+
+
+class ProtobufExporters:
+    """Threads exporting OTLP protobuf requests of unique int bodies over keep-alive connections, never resending."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ledger = ExportLedger()
+        self._numbers = itertools.count()
+        self._numbers_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=CRASH_WRITERS, thread_name_prefix="otlp-exporter")
+        self._futures: list[Future[None]] = []
+
+    def start(self) -> None:
+        self._futures = [self._pool.submit(self._run) for _ in range(CRASH_WRITERS)]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for future in self._futures:
+            future.result(timeout)
+        self._pool.shutdown(wait=True)
+
+    def _markers(self) -> list[int]:
+        with self._numbers_lock:
+            return [next(self._numbers) for _ in range(CRASH_REQUEST_RECORDS)]
+
+    def _run(self) -> None:
+        headers = {"Authorization": f"Bearer {PROCESS_TOKEN}", "Content-Type": PROTOBUF}
+        with contextlib.closing(KeepAlive(self.port)) as client:
+            while not self._stop.is_set():
+                markers = self._markers()
+                with self.ledger.lock:
+                    self.ledger.sent.update(markers)
+                body = export_request(resource_logs([record(n) for n in markers], service="crash"))
+                try:
+                    response = client.post("/v1/logs", body, headers)
+                except (OSError, http.client.HTTPException) as exc:
+                    self.ledger.record(markers, f"error:{type(exc).__name__}", lost=True)
+                    # Not a synchronisation: a pause so a dead port is not hammered.
+                    self._stop.wait(0.01)
+                    continue
+                if response.status == 200:
+                    partial = ExportLogsServiceResponse.FromString(response.body).partial_success
+                    assert partial.rejected_log_records == 0, partial
+                    self.ledger.record(markers, "200", acked=True)
+                    continue
+                answer = orjson.loads(response.body)
+                durable = response.status == 429 and answer["details"].get("durable") is True
+                self.ledger.record(markers, f"{response.status}:{answer['error']}", acked=durable)
+
+
+class TestKill9WhileExporting:
+    """kill -9 while exporters send: every record of every acknowledged request exactly once."""
+
+    def test_kill9_mid_export_then_restart_stores_every_acknowledged_record_once(self, launch: Launcher) -> None:
+        """SIGKILL of the master and both workers mid-export; after a restart each acknowledged record is one row."""
+        # Given two workers taking OTLP requests continuously
+        first = launch()
+        first.wait_ready()
+        exporters = ProtobufExporters(first.port)
+        exporters.start()
+        try:
+            # When everything is killed with SIGKILL while requests are in flight
+            wait_for(
+                lambda: len(exporters.ledger.acked) >= CRASH_ACKED_BEFORE_KILL,
+                60,
+                "acknowledged export requests",
+                describe=lambda: f"outcomes so far: {dict(exporters.ledger.outcomes)}",
+            )
+            first.kill9_all()
+        finally:
+            exporters.stop()
+        ledger = exporters.ledger
+        assert len(ledger.acked) >= CRASH_ACKED_BEFORE_KILL
+
+        # Then a restart on the same data dir delivers every acknowledged record ...
+        second = launch()
+        second.wait_ready()
+
+        def delivered() -> set[object]:
+            return {row["payload"]["body"] for row in gunicorn_rows(second.db_path)}
+
+        wait_for(
+            lambda: ledger.acked <= delivered(),
+            60,
+            "every acknowledged record delivered",
+            describe=lambda: f"missing: {len(ledger.acked - delivered())}\n{second.log_tail()}",
+        )
+        code, _ = second.stop(signal.SIGTERM)
+        assert code == 0, second.log_tail()
+        # ... exactly once; rows without an ack are only from requests whose response the kill lost
+        problems = ledger.problems([row["payload"]["body"] for row in gunicorn_rows(second.db_path)])
+        assert problems == [], f"{problems[:20]}\noutcomes: {dict(ledger.outcomes)}\n{second.log_tail()}"
