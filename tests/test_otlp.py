@@ -18,6 +18,7 @@ import http.client
 import itertools
 import signal
 import sqlite3
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -50,6 +51,8 @@ from tests.support.proc import (
     wait_for,
 )
 from tests.support.proc import TOKEN as PROCESS_TOKEN
+from tests.support.producers import program
+from tests.support.services import skip_or_fail
 from tests.test_http import ADMIN_TOKEN, OTHER_TOKEN, TOKEN, TWO_SOURCES_TOML, Harness, Node, assert_error, fill_queue
 from tests.test_http import start_blocked as start_blocked_node
 
@@ -892,3 +895,117 @@ class TestKill9WhileExporting:
         # ... exactly once; rows without an ack are only from requests whose response the kill lost
         problems = ledger.problems([row["payload"]["body"] for row in gunicorn_rows(second.db_path)])
         assert problems == [], f"{problems[:20]}\noutcomes: {dict(ledger.outcomes)}\n{second.log_tail()}"
+
+
+#: What the Node test installs with npm: the OpenTelemetry JS logs SDK and its OTLP/HTTP (JSON) exporter,
+#: the latest line whose engines take Debian's Node 20.
+NODE_PACKAGES = (
+    "@opentelemetry/exporter-logs-otlp-http@0.223.1",
+    "@opentelemetry/sdk-logs@0.223.1",
+    "@opentelemetry/api-logs@0.223.1",
+    "@opentelemetry/resources@2.12.1",
+    "@opentelemetry/api@1.9.0",
+)
+#: Records the Node SDK emits: several export batches of NODE_BATCH_SIZE.
+NODE_RECORDS = 25
+NODE_BATCH_SIZE = 10
+
+#: An application's setup: LoggerProvider with a resource, BatchLogRecordProcessor, OTLPLogExporter (OTLP/JSON).
+#: export() is wrapped only to print what each call returned. Arguments: URL, token, records, batch size, compression.
+NODE_SCRIPT = """
+import { LoggerProvider, BatchLogRecordProcessor } from '@opentelemetry/sdk-logs';
+import { OTLPLogExporter } from '@opentelemetry/exporter-logs-otlp-http';
+import { resourceFromAttributes } from '@opentelemetry/resources';
+import { SeverityNumber } from '@opentelemetry/api-logs';
+
+const [url, token, count, batchSize, compression] = process.argv.slice(2);
+const exporter = new OTLPLogExporter({ url, headers: { Authorization: `Bearer ${token}` }, compression });
+const results = [];
+const exportBatch = exporter.export.bind(exporter);
+exporter.export = (logs, done) => exportBatch(logs, (result) => {
+  results.push({ records: logs.length, code: result.code, error: result.error ? String(result.error) : null });
+  done(result);
+});
+const provider = new LoggerProvider({
+  resource: resourceFromAttributes({ 'service.name': 'node-shop' }),
+  processors: [
+    new BatchLogRecordProcessor({ exporter, maxExportBatchSize: Number(batchSize), scheduledDelayMillis: 60000 }),
+  ],
+});
+const logger = provider.getLogger('tests.node', '1.0.0');
+for (let i = 0; i < Number(count); i++) {
+  logger.emit({
+    body: `node record ${i}`, severityNumber: SeverityNumber.WARN, severityText: 'WARN', attributes: { n: i },
+  });
+}
+await provider.forceFlush();
+await provider.shutdown();
+console.log(JSON.stringify(results));
+"""
+
+
+@pytest.fixture(scope="module")
+def otel_js_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the OpenTelemetry JS logs SDK and OTLP/HTTP exporter installed by npm from the registry."""
+    npm = program("npm")
+    program("node")
+    folder = tmp_path_factory.mktemp("otel-js")
+    try:
+        installed = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--no-save", *NODE_PACKAGES],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        skip_or_fail("npm install of the OpenTelemetry JS packages took more than 300 s")
+    if installed.returncode != 0:
+        skip_or_fail(f"npm install of the OpenTelemetry JS packages failed: {installed.stderr[-500:]}")
+    # An ES module resolves its imports from its own folder, so the script goes next to node_modules.
+    (folder / "export_logs.mjs").write_text(NODE_SCRIPT)
+    return folder
+
+
+@pytest.mark.process
+@pytest.mark.producers
+class TestNodeSdk:
+    """The OpenTelemetry JS SDK's OTLP/HTTP exporter (OTLP/JSON) against a real gunicorn."""
+
+    @pytest.mark.parametrize("compression", ["none", "gzip"])
+    def test_every_emitted_record_is_one_row(self, launch: Launcher, otel_js_dir: Path, compression: str) -> None:
+        """N records from the Node LoggerProvider, sent as OTLP/JSON: N rows with body, severity and service."""
+        # Given a service, and the Node SDK pointed at it
+        server = ready(launch(workers=2))
+        url = f"http://{HOST}:{server.port}/v1/logs"
+        # When a Node application logs N records and the processor exports them
+        result = subprocess.run(
+            [
+                program("node"),
+                "export_logs.mjs",
+                url,
+                PROCESS_TOKEN,
+                str(NODE_RECORDS),
+                str(NODE_BATCH_SIZE),
+                compression,
+            ],
+            cwd=otel_js_dir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        exports = orjson.loads(result.stdout.strip().splitlines()[-1])
+        # Then every export call succeeded (ExportResultCode.SUCCESS is 0) and covered every record
+        assert exports, result.stderr
+        assert all(e["code"] == 0 for e in exports), exports
+        assert sum(e["records"] for e in exports) == NODE_RECORDS
+        # ... and each record is one row
+        rows = wait_rows(server, NODE_RECORDS)
+        assert sorted(row["payload"]["body"] for row in rows) == sorted(f"node record {i}" for i in range(NODE_RECORDS))
+        assert {row["subject"] for row in rows} == {"node-shop"}
+        assert {(row["payload"]["severity_number"], row["payload"]["severity_text"]) for row in rows} == {(13, "WARN")}
+        assert sorted(row["payload"]["attributes"]["n"] for row in rows) == list(range(NODE_RECORDS))
+        assert all(row["payload"]["time_unix_nano"] > 0 for row in rows)
