@@ -14,6 +14,7 @@ import contextlib
 import re
 import signal
 import socket
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -268,25 +269,35 @@ class TestServiceAnswersPassThrough:
         assert "retry-after" not in through.headers, through.headers
         assert through.headers["content-type"] == "application/json"
 
-    def test_v1_logs_reaches_the_service_and_its_404_passes_through_unchanged(
+    def test_an_otlp_export_through_nginx_is_200_and_its_record_stored(
         self, launch: Launcher, nginx: LaunchNginx
     ) -> None:
-        """POST /v1/logs is proxied to the service (a later OTLP receiver); today its 404 reaches the client as is."""
+        """POST /v1/logs (OTLP/JSON) through nginx: the service's 200 ExportLogsServiceResponse, the record one row."""
         # Given two workers behind nginx
         server = ready(launch())
         proxy = nginx([server.port])
         request_id = f"deploy-{uuid.uuid4().hex}"
         headers = {**post_headers(), "X-Request-Id": request_id}
-        # When a client posts to /v1/logs through nginx, and straight to the service
-        through = exchange(proxy.port, "POST", "/v1/logs", b'{"resourceLogs": []}', headers)
-        direct = exchange(server.port, "POST", "/v1/logs", b'{"resourceLogs": []}', post_headers())
-        # Then both are the service's own 404, the same body
-        assert (through.status, direct.status) == (404, 404), (through, direct)
-        assert through.body == direct.body
-        assert through.json()["error"] == "not_found"
+        # When an exporter posts one log record to /v1/logs through nginx
+        through = exchange(proxy.port, "POST", "/v1/logs", OTLP_JSON_EXPORT, headers)
+        # Then the service's own answer reaches it: 200 and an empty ExportLogsServiceResponse
+        assert through.status == 200, through
+        assert through.json() == {}
         # ... which the service answered and logged
         line = served(server, request_id)
-        assert (line["path"], line["status"]) == ("/v1/logs", 404)
+        assert (line["path"], line["status"]) == ("/v1/logs", 200)
+        # ... and the record is one row, its subject the resource's service.name
+        wait_for(lambda: len(count_rows(server.db_path)) == 1, 30, "the log record delivered")
+        with contextlib.closing(sqlite3.connect(server.db_path)) as conn:
+            row = conn.execute("SELECT subject, json_extract(payload, '$.body') FROM nexus_entries").fetchone()
+        assert tuple(row) == ("via-nginx", "through nginx")
+
+
+#: An OTLP/JSON ExportLogsServiceRequest of one record, as the OpenTelemetry JS exporter sends it.
+OTLP_JSON_EXPORT = (
+    b'{"resourceLogs": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "via-nginx"}}]},'
+    b' "scopeLogs": [{"scope": {"name": "deploy"}, "logRecords": [{"body": {"stringValue": "through nginx"}}]}]}]}'
+)
 
 
 @pytest.mark.nginx
