@@ -647,7 +647,11 @@ FUZZ_CASES = [
     FuzzCase("GET", "/admin/dead-letters", GenerationMode.POSITIVE),
     FuzzCase("GET", "/admin/dead-letters", GenerationMode.NEGATIVE),
     FuzzCase("POST", "/admin/dead-letters/{payload_id}/retry", GenerationMode.POSITIVE),
+    FuzzCase("POST", "/v1/logs", GenerationMode.POSITIVE),
+    FuzzCase("POST", "/v1/logs", GenerationMode.NEGATIVE),
 ]
+#: The paths written with the source's token; every other one is fuzzed with the admin's.
+SOURCE_PATHS = frozenset({"/inbound/{source}", "/v1/logs"})
 
 #: Status code, content type, headers and body schema as documented, and never a 5xx;
 #: negative cases must also be refused (4xx).
@@ -669,7 +673,7 @@ class TestOpenApiFuzz:
         """Generated requests get documented statuses, content types, headers and bodies; errors in the shape."""
         schema = schemathesis.openapi.from_path(str(OPENAPI))
         operation = schema[case.path][case.method.lower()]
-        token = TOKEN if case.path == "/inbound/{source}" else ADMIN_TOKEN
+        token = TOKEN if case.path in SOURCE_PATHS else ADMIN_TOKEN
         strategy = operation.as_strategy(
             generation_mode=case.mode,
             headers={"Authorization": f"Bearer {token}"},

@@ -64,7 +64,16 @@ CHECKS = [
 DEAD_LETTER_ENV = {"NEXUS_MAX_ATTEMPTS": "2", "NEXUS_INITIAL_BACKOFF": "0.05"}
 POISON = "openapi-poison-marker"
 #: The operations that take a source's token; every other secured one wants the admin's.
-SOURCE_OPERATIONS = frozenset({"writeEntries", "queryEntries"})
+SOURCE_OPERATIONS = frozenset({"writeEntries", "queryEntries", "exportLogs"})
+#: An OTLP/JSON ExportLogsServiceRequest of one log record.
+OTLP_EXPORT = {
+    "resourceLogs": [
+        {
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "openapi"}}]},
+            "scopeLogs": [{"logRecords": [{"severityNumber": 9, "body": {"stringValue": "from the document"}}]}],
+        }
+    ]
+}
 #: The batch media types the document gives a string body; schemathesis has no serializer for them.
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")
 
@@ -299,6 +308,12 @@ class TestClientFromTheDocument:
         # Then each answer matched its documented schema, and the retry is delivered
         assert retry.status_code == 202
         wait_delivered(client.server.db_path, [poison_id], timeout=30)
+
+        # When OpenTelemetry logs are exported as the document describes (OTLP/JSON)
+        export = client.call("exportLogs", body=OTLP_EXPORT, media_type="application/json")
+        # Then the answer is an empty ExportLogsServiceResponse: every record stored
+        assert export.status_code == 200
+        assert export.json() == {}
         every = {operation["operationId"] for _, _, operation in operations(client.document)}
         assert client.called == every
 
