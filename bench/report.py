@@ -69,6 +69,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         out.extend(_http_figures(rounds))
     if "batch_path" in results:
         out.extend(_batch_figures(results["batch_path"]))
+    if "otlp" in results:
+        out.extend(_otlp_figures(results["otlp"]))
     if "delivery" in results:
         out.extend(_delivery_figures(results["delivery"]))
     if "replay" in results:
@@ -332,6 +334,31 @@ def _batch_figures(b: dict[str, Any]) -> list[Figure]:
     return [
         _figure(key, "batch path", label, unit, [float(r[a][b_]) for r in rounds]) for key, label, unit, (a, b_) in rows
     ]
+
+
+def _otlp_figures(o: dict[str, Any]) -> list[Figure]:
+    rounds = o["rounds"]
+    rows = [
+        (
+            "otlp_stored",
+            "OTLP protobuf, 100 records a request, records stored",
+            "records/s",
+            ("otlp", "stored_entries_per_s"),
+        ),
+        (
+            "otlp_ndjson_stored",
+            "NDJSON batches of 100, same run, entries stored",
+            "entries/s",
+            ("ndjson", "stored_entries_per_s"),
+        ),
+    ]
+    out = [_figure(key, "otlp", label, unit, [float(r[a][b_]) for r in rounds]) for key, label, unit, (a, b_) in rows]
+    out.append(
+        _figure(
+            "otlp_to_ndjson", "otlp", "OTLP / NDJSON records stored", "x", [r["ratio_otlp_to_ndjson"] for r in rounds]
+        )
+    )
+    return out
 
 
 def _replay_figures(r: dict[str, Any]) -> list[Figure]:

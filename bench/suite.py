@@ -15,8 +15,9 @@ All load comes from this machine over loopback, with wrk (-t2 -c64) and bench/po
 
 Ratios (write path / ceiling, 429s / ceiling, nginx / direct) are taken within a round,
 then summarised as median, min and max over the rounds. After the rounds: the load
-curves (paced loads at fractions of this run's ceiling, for the plots), delivery from a
-WAL backlog (bench.delivery) and replay (bench.replay).
+curves (paced loads at fractions of this run's ceiling, for the plots), the batch path
+(bench.batch_path), OTLP logs against it (bench.otlp), delivery from a WAL backlog
+(bench.delivery) and replay (bench.replay).
 
 Writes bench/results/suite.json, suite.md, load_throughput.png, load_p99.png,
 replay.png, load_curve.csv (or, with --quick, the same under bench/results/quick/).
@@ -42,14 +43,14 @@ from typing import Any
 
 from nexus_gevent.logs import configure_logging
 
-from . import batch_path, delivery, replay, report, shed
+from . import batch_path, delivery, otlp, replay, report, shed
 from .harness import gunicorn, log, nginx
 from .through_nginx import direct_vs_nginx
 from .write_path import BARE_APP, SERVICE_APP, ceiling, paced, saturate, wait_idle
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-SECTIONS = ("http", "curves", "batch", "delivery", "replay")
+SECTIONS = ("http", "curves", "batch", "otlp", "delivery", "replay")
 CONNECTIONS = 64
 #: Offered load of the curves, as fractions of this run's ceiling.
 CURVE_FRACTIONS = (0.10, 0.25, 0.50, 0.75, 1.00, 1.25)
@@ -165,11 +166,14 @@ def curves(ceiling_rate: float, fractions: tuple[float, ...], *, seconds: float,
 def off_http(
     only: set[str], args: argparse.Namespace, workdir: Path, durations: dict[str, float], results: dict[str, Any]
 ) -> None:
-    """The sections after the HTTP rounds and curves: batch path, delivery, replay."""
+    """The sections after the HTTP rounds and curves: batch path, OTLP, delivery, replay."""
     seconds = results["seconds_per_load"]
     if "batch" in only:
         with timed("batch path", durations):
             results["batch_path"] = batch_path.run(args.rounds, seconds=seconds, workdir=workdir)
+    if "otlp" in only:
+        with timed("otlp", durations):
+            results["otlp"] = otlp.run(args.rounds, seconds=seconds, workdir=workdir)
     if "delivery" in only:
         with timed("delivery", durations):
             results["delivery"] = delivery.run(
