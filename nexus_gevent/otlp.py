@@ -112,15 +112,17 @@ def log_entries(request: ExportLogsServiceRequest, subject_attribute: str) -> li
             if scope_message.attributes:
                 scope["attributes"] = attributes(scope_message.attributes)
             for record in scope_logs.log_records:
-                value = log_record(record, resource, scope)
-                record_attributes: dict[str, object] = value["attributes"]  # type: ignore[assignment]
+                record_attributes = attributes(record.attributes)
+                value = log_record(record, record_attributes, resource, scope)
                 subject = subject_of(record_attributes.get(subject_attribute)) if record_attributes else None
                 entries.append(LogEntry(orjson.dumps(value), value, subject or resource_subject))
     return entries
 
 
-def log_record(record: LogRecord, resource: dict[str, object], scope: dict[str, object]) -> dict[str, object]:
-    """One LogRecord's payload (docs/otlp.md): its fields, its resource's attributes and its scope."""
+def log_record(
+    record: LogRecord, record_attributes: dict[str, object], resource: dict[str, object], scope: dict[str, object]
+) -> dict[str, object]:
+    """One LogRecord's payload (docs/otlp.md): its fields, its mapped attributes, its resource's and its scope."""
     value: dict[str, object] = {
         "body": any_value(record.body) if record.HasField("body") else None,
         "severity_number": record.severity_number,
@@ -130,7 +132,7 @@ def log_record(record: LogRecord, resource: dict[str, object], scope: dict[str, 
         "trace_id": record.trace_id.hex() or None,
         "span_id": record.span_id.hex() or None,
         "flags": record.flags,
-        "attributes": attributes(record.attributes),
+        "attributes": record_attributes,
         "resource": resource,
         "scope": scope,
     }

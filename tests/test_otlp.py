@@ -406,6 +406,18 @@ class TestRefusals:
         assert_error(result, 400, "invalid_body")
         assert node.wal_pending == 0
 
+    def test_otlp_json_nested_past_protobufs_limit_is_400(self, node: Node) -> None:
+        """OTLP/JSON whose body nests deeper than protobuf's JSON parser goes: 400, nothing stored."""
+        value = b'{"stringValue": "leaf"}'
+        for _ in range(120):
+            value = b'{"arrayValue": {"values": [' + value + b"]}}"
+        body = b'{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": ' + value + b"}]}]}]}"
+
+        result = post_logs(node, body, content_type="application/json")
+
+        assert_error(result, 400, "invalid_body")
+        assert node.wal_pending == 0
+
     @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-ndjson", "application/grpc"])
     def test_another_or_no_content_type_is_415(self, node: Node, content_type: str | None) -> None:
         """OTLP/HTTP names its two encodings; anything else, or nothing, is 415 listing them."""
