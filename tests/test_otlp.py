@@ -562,6 +562,7 @@ class TestOverload:
         assert answer["details"]["rate_limit_burst"] == 2
 
 
+@pytest.mark.postgres
 class TestPartialSuccess:
     """Records the destination can never store are reported in partial_success; the others are stored."""
 
@@ -699,6 +700,7 @@ class PythonSdk:
         self.provider.shutdown()
 
 
+@pytest.mark.process
 class TestPythonSdk:
     """The OpenTelemetry Python SDK's OTLP/HTTP exporter (protobuf) against a real gunicorn."""
 
@@ -865,6 +867,7 @@ class ProtobufExporters:
                 self.ledger.record(markers, f"{response.status}:{answer['error']}", acked=durable)
 
 
+@pytest.mark.process
 class TestKill9WhileExporting:
     """kill -9 while exporters send: every record of every acknowledged request exactly once."""
 
