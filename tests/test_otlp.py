@@ -277,6 +277,22 @@ class TestMapping:
         assert payload["body"] == "paid"
         assert row["subject"] == "checkout"
 
+    def test_otlp_json_with_protobufs_original_field_names_is_taken_too(self, node: Node) -> None:
+        """snake_case keys (resource_logs, log_records, trace_id...), as some encoders write them: mapped the same."""
+        body = orjson.dumps(
+            {
+                "resource_logs": [
+                    {"scope_logs": [{"log_records": [{"trace_id": TRACE_ID.hex(), "body": {"string_value": "snake"}}]}]}
+                ]
+            }
+        )
+
+        result = post_logs(node, body, content_type="application/json")
+
+        assert result.status_code == 200, result.text
+        (row,) = stored(node, 1)
+        assert (row["payload"]["body"], row["payload"]["trace_id"]) == ("snake", TRACE_ID.hex())
+
     def test_records_of_two_resources_each_take_their_own_subject(self, node: Node) -> None:
         """One request from two services: every row's subject is its own resource's service.name."""
         body = export_request(
