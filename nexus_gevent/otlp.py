@@ -8,7 +8,7 @@ original field names are taken too); unknown fields are ignored.
 
 A record's payload keeps what a reader needs, in plain JSON (docs/otlp.md shows a row):
 the body (any AnyValue), severity, timestamps (integers, nanoseconds since the epoch,
-0 for unknown as in OTLP), trace and span ids (lowercase hex, null when absent), flags,
+0 for unknown as in OTLP), trace and span ids (lowercase hex, null when absent or invalid), flags,
 its attributes, its resource's attributes and its scope.
 """
 
@@ -35,6 +35,10 @@ MAX_SUBJECT_LENGTH = 255
 _HEX_ID_FIELDS = ("traceId", "spanId", "trace_id", "span_id")
 #: AnyValue's kinds that are JSON scalars as they are (an int64 stays an integer, a double a number).
 _SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
+#: The sizes of valid ids (logs.proto): an id of another length, or all zeroes, is invalid,
+#: and receivers are to treat the record as having none.
+TRACE_ID_BYTES = 16
+SPAN_ID_BYTES = 8
 
 
 class LogEntry(NamedTuple):
@@ -129,8 +133,8 @@ def log_record(
         "severity_text": record.severity_text,
         "time_unix_nano": record.time_unix_nano,
         "observed_time_unix_nano": record.observed_time_unix_nano,
-        "trace_id": record.trace_id.hex() or None,
-        "span_id": record.span_id.hex() or None,
+        "trace_id": valid_id(record.trace_id, TRACE_ID_BYTES),
+        "span_id": valid_id(record.span_id, SPAN_ID_BYTES),
         "flags": record.flags,
         "attributes": record_attributes,
         "resource": resource,
@@ -141,6 +145,13 @@ def log_record(
     if record.dropped_attributes_count:
         value["dropped_attributes_count"] = record.dropped_attributes_count
     return value
+
+
+def valid_id(raw: bytes, size: int) -> str | None:
+    """A trace or span id as lowercase hex; None when absent or invalid (not `size` bytes, or all zeroes)."""
+    if len(raw) != size or not any(raw):
+        return None
+    return raw.hex()
 
 
 def attributes(pairs: Iterable[KeyValue]) -> dict[str, object]:

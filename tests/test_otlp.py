@@ -234,6 +234,30 @@ class TestMapping:
         assert payload["attributes"] == payload["resource"] == {}
         assert row["subject"] is None
 
+    @pytest.mark.parametrize(
+        ("trace_id", "span_id"),
+        [(bytes(16), bytes(8)), (TRACE_ID[:15], SPAN_ID[:7]), (TRACE_ID + b"\x01", SPAN_ID + b"\x01")],
+        ids=["all-zeroes", "short", "long"],
+    )
+    def test_an_invalid_trace_or_span_id_is_null(self, node: Node, trace_id: bytes, span_id: bytes) -> None:
+        """Ids of all zeroes or of another length than 16 and 8 bytes are invalid (logs.proto): stored as null."""
+        post_logs(node, export_request(resource_logs([record("x", trace_id=trace_id, span_id=span_id)])))
+
+        (row,) = stored(node, 1)
+        assert (row["payload"]["trace_id"], row["payload"]["span_id"]) == (None, None)
+        assert row["payload"]["body"] == "x"
+
+    def test_an_otlp_json_id_of_the_wrong_length_is_null(self, node: Node) -> None:
+        """OTLP/JSON hex ids that do not decode to 16 and 8 bytes: the record is stored, its ids null."""
+        ids = {"traceId": "5b8e", "spanId": "0000000000000000", "body": {"stringValue": "x"}}
+        body = orjson.dumps({"resourceLogs": [{"scopeLogs": [{"logRecords": [ids]}]}]})
+
+        result = post_logs(node, body, content_type="application/json")
+
+        assert result.status_code == 200, result.text
+        (row,) = stored(node, 1)
+        assert (row["payload"]["trace_id"], row["payload"]["span_id"]) == (None, None)
+
     def test_otlp_json_with_hex_ids_enum_ints_and_string_int64s_maps_the_same(self, node: Node) -> None:
         """The specification's OTLP/JSON (lowerCamelCase, hex ids, int enum, int64 as string): same payload, 200 {}."""
         body = orjson.dumps(
