@@ -15,6 +15,7 @@ its attributes, its resource's attributes and its scope.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
@@ -33,8 +34,8 @@ Encoding = Literal["protobuf", "json"]
 MAX_SUBJECT_LENGTH = 255
 #: The id fields OTLP/JSON carries as hex, under both names protobuf's parser takes.
 _HEX_ID_FIELDS = ("traceId", "spanId", "trace_id", "span_id")
-#: AnyValue's kinds that are JSON scalars as they are (an int64 stays an integer, a double a number).
-_SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
+#: AnyValue's kinds that are JSON scalars as they are (an int64 stays an integer).
+_SCALARS = frozenset({"string_value", "int_value", "bool_value"})
 #: The sizes of valid ids (logs.proto): an id of another length, or all zeroes, is invalid,
 #: and receivers are to treat the record as having none.
 TRACE_ID_BYTES = 16
@@ -160,10 +161,12 @@ def attributes(pairs: Iterable[KeyValue]) -> dict[str, object]:
 
 
 def any_value(value: AnyValue) -> object:
-    """An AnyValue as JSON: scalars as such, arrays as arrays, kvlists as objects, bytes as base64, empty as null."""
+    """An AnyValue as JSON: scalars as such (see double), arrays, kvlists as objects, bytes as base64, empty as null."""
     kind = value.WhichOneof("value")
     if kind in _SCALARS:
         return getattr(value, kind)
+    if kind == "double_value":
+        return double(value.double_value)
     if kind == "kvlist_value":
         return attributes(value.kvlist_value.values)
     if kind == "array_value":
@@ -172,6 +175,18 @@ def any_value(value: AnyValue) -> object:
         # As OTLP/JSON writes bytes (protobuf's JSON mapping), so a reader decodes one way.
         return base64.b64encode(value.bytes_value).decode("ascii")
     return None
+
+
+def double(number: float) -> float | str:
+    """A double as JSON: a number, or for NaN and the infinities, which JSON has no number for, OTLP/JSON's strings.
+
+    Encoders (orjson among them) would write null and lose the value without a word.
+    """
+    if math.isfinite(number):
+        return number
+    if math.isnan(number):
+        return "NaN"
+    return "Infinity" if number > 0 else "-Infinity"
 
 
 def subject_of(value: object) -> str | None:

@@ -234,6 +234,16 @@ class TestMapping:
         assert payload["attributes"] == payload["resource"] == {}
         assert row["subject"] is None
 
+    def test_nan_and_infinite_doubles_are_kept_as_otlp_jsons_strings(self, node: Node) -> None:
+        """Doubles JSON has no number for (NaN, +-Infinity): stored as "NaN", "Infinity", "-Infinity", not null."""
+        log = record([float("nan"), float("inf"), 1.5], attributes={"ratio": float("-inf")})
+
+        post_logs(node, export_request(resource_logs([log])))
+
+        (row,) = stored(node, 1)
+        assert row["payload"]["body"] == ["NaN", "Infinity", 1.5]
+        assert row["payload"]["attributes"] == {"ratio": "-Infinity"}
+
     @pytest.mark.parametrize(
         ("trace_id", "span_id"),
         [(bytes(16), bytes(8)), (TRACE_ID[:15], SPAN_ID[:7]), (TRACE_ID + b"\x01", SPAN_ID + b"\x01")],
