@@ -7,6 +7,7 @@ http/app.py registers these handlers with ``add_error_handler``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,37 @@ def answer_error(resp: falcon.Response, error: ApiError) -> None:
         resp.set_headers(error.headers)
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps(error.to_dict())
+
+
+# The two 429s that come by the thousand under overload, from /inbound and /v1/logs alike:
+# their bodies depend only on a few numbers, so each is built once.
+
+
+@functools.lru_cache(maxsize=128)
+def rejected_body(retry_after: int) -> bytes:
+    """The body of a 429 `queue_full` under the `reject` policy: nothing was stored (cached by delay)."""
+    error = ApiError(
+        falcon.HTTP_429,
+        "queue_full",
+        "the queue is full; nothing was stored, retry after the delay",
+        retry_after=retry_after,
+        details={"durable": False},
+    )
+    return orjson.dumps(error.to_dict())
+
+
+@functools.lru_cache(maxsize=256)
+def rate_limited_body(retry_after: int, rate: float, burst: int) -> bytes:
+    """The body of a 429 `rate_limit_exceeded`: nothing was stored (cached by delay, rate and burst)."""
+    error = ApiError(
+        falcon.HTTP_429,
+        "rate_limit_exceeded",
+        f"this source is over its rate limit of {rate:g} entries a second (burst {burst}); "
+        "nothing was stored, retry after the delay",
+        retry_after=retry_after,
+        details={"durable": False, "rate_limit_per_second": rate, "rate_limit_burst": burst},
+    )
+    return orjson.dumps(error.to_dict())
 
 
 ErrorHandler = Callable[[falcon.Request, falcon.Response, Exception, dict[str, Any]], None]

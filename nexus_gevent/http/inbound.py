@@ -19,7 +19,6 @@ or not a string gives no key.
 
 from __future__ import annotations
 
-import functools
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,7 +35,7 @@ from ..config import Settings
 from ..destinations import PayloadCheck
 from ..ingest import Ingest, WriteResult
 from . import _encoding
-from .errors import ApiError, answer_error
+from .errors import ApiError, answer_error, rate_limited_body, rejected_body
 
 #: Idempotency-Key: up to 255 visible ASCII characters (docs/openapi.yaml).
 MAX_KEY_LENGTH = 255
@@ -356,31 +355,6 @@ def _one_key(req: falcon.Request, name: str) -> str | None:
     return key
 
 
-@functools.lru_cache(maxsize=128)
-def _rejected_body(retry_after: int) -> bytes:
-    error = ApiError(
-        falcon.HTTP_429,
-        "queue_full",
-        "the queue is full; nothing was stored, retry after the delay",
-        retry_after=retry_after,
-        details={"durable": False},
-    )
-    return orjson.dumps(error.to_dict())
-
-
-@functools.lru_cache(maxsize=256)
-def _rate_limited_body(retry_after: int, rate: float, burst: int) -> bytes:
-    error = ApiError(
-        falcon.HTTP_429,
-        "rate_limit_exceeded",
-        f"this source is over its rate limit of {rate:g} entries a second (burst {burst}); "
-        "nothing was stored, retry after the delay",
-        retry_after=retry_after,
-        details={"durable": False, "rate_limit_per_second": rate, "rate_limit_burst": burst},
-    )
-    return orjson.dumps(error.to_dict())
-
-
 class InboundResource:
     """Writes one entry per request."""
 
@@ -521,7 +495,7 @@ class InboundResource:
         resp.status = falcon.HTTP_429
         resp.set_header("Retry-After", str(retry_after))
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = _rate_limited_body(retry_after, rate, burst)
+        resp.data = rate_limited_body(retry_after, rate, burst)
 
     def _answer(self, req: falcon.Request, resp: falcon.Response, result: WriteResult) -> None:
         if result.payload_ids is not None:
@@ -554,7 +528,7 @@ class InboundResource:
             resp.status = falcon.HTTP_429
             resp.set_header("Retry-After", str(retry_after))
             resp.content_type = falcon.MEDIA_JSON
-            resp.data = _rejected_body(retry_after)
+            resp.data = rejected_body(retry_after)
             return
         resp.content_type = falcon.MEDIA_JSON
 

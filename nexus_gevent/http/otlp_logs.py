@@ -37,8 +37,8 @@ from ..destinations import PayloadCheck
 from ..errors import MalformedOtlp
 from ..ingest import Ingest, WriteResult
 from . import _encoding
-from .errors import ApiError, answer_error
-from .inbound import _rate_limited_body, _rejected_body, count_writes, idempotency_key, read_decoded_body
+from .errors import ApiError, answer_error, rate_limited_body, rejected_body
+from .inbound import count_writes, idempotency_key, read_decoded_body
 
 #: Media type -> encoding. OTLP names application/x-protobuf; application/protobuf is the registered name.
 MEDIA_TYPES: dict[str, otlp.Encoding] = {
@@ -219,9 +219,9 @@ class OtlpLogsResource:
         resp.content_type = falcon.MEDIA_JSON
         if result.outcome == "rate_limited":
             rate, burst = self._bursts[req.context.source]
-            resp.data = _rate_limited_body(retry_after, rate or 0.0, burst)
+            resp.data = rate_limited_body(retry_after, rate or 0.0, burst)
         else:
-            resp.data = _rejected_body(retry_after)
+            resp.data = rejected_body(retry_after)
 
 
 def _shed_message(window: float) -> str:
