@@ -355,6 +355,34 @@ def _one_key(req: falcon.Request, name: str) -> str | None:
     return key
 
 
+def rate_limits(settings: Settings) -> dict[str, tuple[float, int]]:
+    """Each rate-limited source's (entries a second, burst)."""
+    return {
+        s.name: (s.rate_limit_per_second, s.rate_limit_burst or 1)
+        for s in settings.sources
+        if s.rate_limit_per_second is not None
+    }
+
+
+def check_burst(limits: Mapping[str, tuple[float, int]], source: str, entries: int, holding: str) -> None:
+    """413 for a batch of more entries than the source's burst; `holding` says what it holds ("this batch holds {}").
+
+    A batch takes one token an entry: one larger than the burst could never pass, and a
+    429 would only invite a retry that can never succeed.
+    """
+    limit = limits.get(source)
+    if limit is None or entries <= limit[1]:
+        return
+    rate, burst = limit
+    raise ApiError(
+        falcon.HTTP_413,
+        "batch_too_large",
+        f"this source's rate limit lets at most {burst} entries through at once (its burst); "
+        f"{holding.format(entries)}; nothing was stored",
+        details={"entries": entries, "rate_limit_burst": burst, "rate_limit_per_second": rate},
+    )
+
+
 class InboundResource:
     """Writes one entry per request."""
 
@@ -369,11 +397,7 @@ class InboundResource:
         #: Each destination's own word on what it can never store.
         self._checks = checks
         self._counters = metrics.write_counters([s.name for s in settings.sources], settings.shed_policy)
-        self._limits = {
-            s.name: (s.rate_limit_per_second, s.rate_limit_burst or 1)
-            for s in settings.sources
-            if s.rate_limit_per_second is not None
-        }
+        self._limits = rate_limits(settings)
         #: Each source's idempotency_key_field, for the sources that have one.
         self._key_fields = {
             s.name: s.idempotency_key_field for s in settings.sources if s.idempotency_key_field is not None
@@ -448,18 +472,7 @@ class InboundResource:
         """
         if self._stopping():
             raise ApiError(falcon.HTTP_503, "shutting_down", "this worker is shutting down; retry", retry_after=1)
-        limit = self._limits.get(source)
-        if limit is not None and len(entries) > limit[1]:
-            # A batch takes one token an entry: one larger than the burst could never
-            # pass, and a 429 would only invite a retry that can never succeed.
-            rate, burst = limit
-            raise ApiError(
-                falcon.HTTP_413,
-                "batch_too_large",
-                f"this source's rate limit lets at most {burst} entries through at once (its burst); "
-                f"this batch holds {len(entries)}; nothing was stored",
-                details={"entries": len(entries), "rate_limit_burst": burst, "rate_limit_per_second": rate},
-            )
+        check_burst(self._limits, source, len(entries), "this batch holds {}")
         destination = self._settings.source(source).destination  # type: ignore[union-attr]
         check = self._checks.get(destination)
         if check is not None:

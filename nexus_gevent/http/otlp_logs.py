@@ -38,7 +38,7 @@ from ..errors import MalformedOtlp
 from ..ingest import Ingest, WriteResult
 from . import _encoding
 from .errors import ApiError, answer_error, rate_limited_body, rejected_body
-from .inbound import count_writes, idempotency_key, read_decoded_body
+from .inbound import check_burst, count_writes, idempotency_key, rate_limits, read_decoded_body
 
 #: Media type -> encoding. OTLP names application/x-protobuf; application/protobuf is the registered name.
 MEDIA_TYPES: dict[str, otlp.Encoding] = {
@@ -90,11 +90,7 @@ class OtlpLogsResource:
         self._stopping = stopping
         self._checks = checks
         self._counters = metrics.write_counters([s.name for s in settings.sources], settings.shed_policy)
-        self._bursts = {
-            s.name: (s.rate_limit_per_second, s.rate_limit_burst or 1)
-            for s in settings.sources
-            if s.rate_limit_per_second is not None
-        }
+        self._limits = rate_limits(settings)
         self._shed_message = _shed_message(settings.shed_resend_window)
 
     def authorize(self, principal: Principal, params: dict[str, Any]) -> None:
@@ -136,7 +132,7 @@ class OtlpLogsResource:
             resp.content_type = _RESPONSE_TYPES[encoding]
             resp.data = response_body(encoding, rejected, reason)
             return
-        self._check_burst(source, len(kept))
+        check_burst(self._limits, source, len(kept), "this request holds {} log records")
         result = self._ingest.write_batch(
             source,
             settings.destination,
@@ -168,19 +164,6 @@ class OtlpLogsResource:
             return kept, 0, ""
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         return kept, len(reasons), f"{len(reasons)} log records cannot be stored: {reasons[0]}{more}"
-
-    def _check_burst(self, source: str, entries: int) -> None:
-        """413 for more records than the source's burst: such a batch could never pass its rate limit."""
-        limit = self._bursts.get(source)
-        if limit is not None and entries > limit[1]:
-            rate, burst = limit
-            raise ApiError(
-                falcon.HTTP_413,
-                "batch_too_large",
-                f"this source's rate limit lets at most {burst} entries through at once (its burst); "
-                f"this request holds {entries} log records; nothing was stored",
-                details={"entries": entries, "rate_limit_burst": burst, "rate_limit_per_second": rate},
-            )
 
     def _answer(
         self,
@@ -218,8 +201,8 @@ class OtlpLogsResource:
         resp.set_header("Retry-After", str(retry_after))
         resp.content_type = falcon.MEDIA_JSON
         if result.outcome == "rate_limited":
-            rate, burst = self._bursts[req.context.source]
-            resp.data = rate_limited_body(retry_after, rate or 0.0, burst)
+            rate, burst = self._limits[req.context.source]
+            resp.data = rate_limited_body(retry_after, rate, burst)
         else:
             resp.data = rejected_body(retry_after)
 
