@@ -378,6 +378,15 @@ class TestMapping:
         assert not response_of(result).HasField("partial_success")
         assert node.wal_pending == 0
 
+    @pytest.mark.parametrize("body", [b"{}", b'{"resourceLogs": []}', b'{"resourceLogs": [{"scopeLogs": [{}]}]}'])
+    def test_an_empty_otlp_json_request_is_200_and_stores_nothing(self, node: Node, body: bytes) -> None:
+        """OTLP/JSON without records (none, or an empty scope): 200 with an empty JSON response, nothing written."""
+        result = post_logs(node, body, content_type="application/json")
+
+        assert result.status_code == 200, result.text
+        assert result.json == {}
+        assert node.wal_pending == 0
+
 
 class TestSubjectSetting:
     """otlp_subject_attribute per [[sources]] table, NEXUS_OTLP_SUBJECT_ATTRIBUTE for `default`."""
