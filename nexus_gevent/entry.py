@@ -9,6 +9,10 @@ import orjson
 
 from .errors import PayloadDecodeError
 
+#: The longest subject, however it is given (X-Subject, an OTLP attribute): it is stored in
+#: a column of every row, and a bound keeps rows small.
+MAX_SUBJECT_LENGTH = 255
+
 
 def new_payload_id() -> str:
     """A fresh payload id: 32 lowercase hex digits, as the API documents."""

@@ -26,12 +26,11 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
+from .entry import MAX_SUBJECT_LENGTH
 from .errors import MalformedOtlp
 
 Encoding = Literal["protobuf", "json"]
 
-#: A subject is stored in a column; the bound X-Subject has (http/inbound.py).
-MAX_SUBJECT_LENGTH = 255
 #: The id fields OTLP/JSON carries as hex, under both names protobuf's parser takes.
 _HEX_ID_FIELDS = ("traceId", "spanId", "trace_id", "span_id")
 #: AnyValue's kinds that are JSON scalars as they are (an int64 stays an integer).

@@ -33,14 +33,13 @@ from .._sockets import shut_down
 from ..auth import Principal
 from ..config import Settings
 from ..destinations import PayloadCheck
+from ..entry import MAX_SUBJECT_LENGTH
 from ..ingest import Ingest, WriteResult
 from . import _encoding
 from .errors import ApiError, answer_error, rate_limited_body, rejected_body
 
 #: Idempotency-Key: up to 255 visible ASCII characters (docs/openapi.yaml).
 MAX_KEY_LENGTH = 255
-#: X-Subject is stored in a column; a bound keeps a row and a log line small.
-MAX_SUBJECT_LENGTH = 255
 
 
 def _visible_ascii(value: str) -> bool:
