@@ -588,6 +588,22 @@ class TestOverload:
         assert sorted(row["payload_id"] for row in shed) == sorted(answer["payload_ids"])
         assert len(rows) == 5
 
+    def test_a_durable_429s_retry_after_leaves_the_resend_inside_the_window(
+        self, harness: Harness, request: pytest.FixtureRequest
+    ) -> None:
+        """A backlog asking a longer wait: Retry-After is capped at half the resend window, so the resend counts."""
+        env = {"NEXUS_SHED_POLICY": "durable", "NEXUS_SHED_RESEND_WINDOW": "4"}
+        node, _lock = start_blocked_node(harness, request, env)
+        fill_queue(node)
+        # The backlog (what the node holds, plus this request's records) asks for 10 s at the floor rate.
+        body = bodies(8, prefix="backlog")
+
+        first = post_logs(node, body)
+
+        answer = assert_error(first, 429, "queue_full", extra=frozenset({"payload_ids"}))
+        assert first.headers["retry-after"] == "2"
+        assert answer["retry_after_seconds"] == 2
+
     def test_under_reject_a_full_queue_is_429_and_stores_nothing(
         self, harness: Harness, request: pytest.FixtureRequest
     ) -> None:

@@ -47,6 +47,10 @@ MEDIA_TYPES: dict[str, otlp.Encoding] = {
     "application/json": "json",
 }
 _RESPONSE_TYPES = {"protobuf": "application/x-protobuf", "json": falcon.MEDIA_JSON}
+#: A durable 429's Retry-After is at most this share of the shed resend window: an exporter
+#: that waits it and resends lands inside the window, the rest left for the request's travel
+#: and the exporter's jitter. (Retry-After goes up to 60 s, the default window's length.)
+RESEND_WINDOW_SHARE = 0.5
 #: A full success, answered by the thousand: an empty ExportLogsServiceResponse in each encoding.
 _SUCCESS = {"protobuf": b"", "json": b"{}"}
 
@@ -92,6 +96,8 @@ class OtlpLogsResource:
         self._counters = metrics.write_counters([s.name for s in settings.sources], settings.shed_policy)
         self._limits = rate_limits(settings)
         self._shed_message = _shed_message(settings.shed_resend_window)
+        window = settings.shed_resend_window
+        self._shed_retry_cap = max(1, int(window * RESEND_WINDOW_SHARE)) if window > 0 else None
 
     def authorize(self, principal: Principal, params: dict[str, Any]) -> None:
         """403 for the admin's token: only a source writes entries, and the token names which."""
@@ -184,6 +190,8 @@ class OtlpLogsResource:
             return
         retry_after = result.retry_after or 1
         if result.outcome == "shed":
+            if self._shed_retry_cap is not None:
+                retry_after = min(retry_after, self._shed_retry_cap)
             ids = result.payload_ids or []
             answer_error(
                 resp,
