@@ -1,4 +1,4 @@
-"""Cheap metrics on the hot path: batched histograms and fast counters show exactly what prometheus_client's own calls would."""
+"""Cheap metrics on the hot path: batched histograms and fast counters show what prometheus_client's own calls would."""
 
 from __future__ import annotations
 
