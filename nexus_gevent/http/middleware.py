@@ -53,7 +53,7 @@ class RequestContext:
         return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        given = req.get_header("X-Request-Id")
+        given = req.env.get("HTTP_X_REQUEST_ID")
         request_id = given if given and _REQUEST_ID.fullmatch(given) else self._next_id()
         req.context.request_id = request_id
         if self._logs_requests:
@@ -111,7 +111,7 @@ class Authentication:
         if not hasattr(resource, "authorize") or not hasattr(resource, _responder(req.method)):
             return
         guarded: Guarded = resource  # type: ignore[assignment]
-        principal = self._auth.identify(req.get_header("Authorization"))
+        principal = self._auth.identify(req.env.get("HTTP_AUTHORIZATION"))
         if principal is None:
             raise ApiError(falcon.HTTP_401, "unauthorized", guarded.unauthorized_message)
         guarded.authorize(principal, params)
