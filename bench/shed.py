@@ -89,7 +89,9 @@ def shed(
     in flight). With `paced_rate`, a paced load at that rate follows, still with every
     queue full: its latency is what one 429 costs when the server is not saturated.
     """
-    env = {"NEXUS_SHED_POLICY": policy, "NEXUS_QUEUE_SIZE": str(queue_size)}
+    # The shed resend window off: wrk sends one body over and over, and under `durable`
+    # the window would answer every resend of it 200 duplicate instead of storing it.
+    env = {"NEXUS_SHED_POLICY": policy, "NEXUS_QUEUE_SIZE": str(queue_size), "NEXUS_SHED_RESEND_WINDOW": "0"}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, gunicorn(SERVICE_APP, Path(tmp), env=env) as server:
         wait_ready_probe(server)
         with sqlite_locked(server.data_dir / "nexus.db"):
