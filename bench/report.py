@@ -274,6 +274,19 @@ def _http_figures(rounds: list[dict[str, Any]]) -> list[Figure]:
             [max(r["memory"]["idle_rss_mb"]) for r in rounds],
         ),
     ]
+    backlog_rss = [r["memory_backlog"]["max_full_rss_mb"] for r in rounds if "memory_backlog" in r]
+    if backlog_rss:
+        out.append(
+            _figure(
+                "rss_backlog",
+                "7. memory",
+                "worker RSS, full queue and 100,000-entry backlog of 250-byte entries (largest worker)",
+                "MB",
+                backlog_rss,
+                target=f"< {TARGET_RSS_MB:g} MB",
+                check=lambda m: m < TARGET_RSS_MB,
+            )
+        )
     return out
 
 

@@ -14,6 +14,9 @@ cannot empty.
 - `memory`: a service with the default queue (10,000 entries per worker) under the
   `reject` policy, so the queue fills exactly and nothing piles up past it; VmRSS of
   each worker (the gunicorn master's children) before and after.
+- `memory_backlog`: the default queue and the `durable` policy; NDJSON batches of
+  250-byte entries until every worker holds a full queue and a full in-memory backlog
+  (100,000 entries waiting, the most a worker keeps in memory); VmRSS of each worker.
 
 Prints JSON.
 """
@@ -21,11 +24,16 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
+import http.client
+import itertools
 import json
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from nexus_gevent.backlog import BACKLOG_MAX
 
 from .harness import Server, cpu_seconds, gunicorn, log, rss_bytes, sqlite_locked, wrk
 from .write_path import INBOUND, SERVICE_APP, cpu_row, gauge_sum, paced, wrk_row
@@ -81,7 +89,9 @@ def shed(
     in flight). With `paced_rate`, a paced load at that rate follows, still with every
     queue full: its latency is what one 429 costs when the server is not saturated.
     """
-    env = {"NEXUS_SHED_POLICY": policy, "NEXUS_QUEUE_SIZE": str(queue_size)}
+    # The shed resend window off: wrk sends one body over and over, and under `durable`
+    # the window would answer every resend of it 200 duplicate instead of storing it.
+    env = {"NEXUS_SHED_POLICY": policy, "NEXUS_QUEUE_SIZE": str(queue_size), "NEXUS_SHED_RESEND_WINDOW": "0"}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, gunicorn(SERVICE_APP, Path(tmp), env=env) as server:
         wait_ready_probe(server)
         with sqlite_locked(server.data_dir / "nexus.db"):
@@ -133,6 +143,103 @@ def memory(
         }
 
 
+#: Entries per NDJSON request of the backlog fill, and the bytes of each (newline included), like post_batch.lua.
+BACKLOG_FILL_ENTRIES = 200
+BACKLOG_ENTRY_BYTES = 250
+#: Threads posting the backlog fill, each with its own connection per request (so both workers get some).
+BACKLOG_FILL_THREADS = 4
+#: The longest the backlog fill may take.
+BACKLOG_FILL_TIMEOUT = 180.0
+
+
+def batch_body(entries: int, first: int = 0) -> bytes:
+    """`entries` NDJSON lines of BACKLOG_ENTRY_BYTES bytes each (newline included)."""
+    lines = []
+    for n in range(first, first + entries):
+        head = f'{{"sensor":"s-{n % 100_000:05d}","reading":21.5,"unit":"C","tags":["bench","batch"],"n":{n},"pad":"'
+        lines.append(head + "x" * (BACKLOG_ENTRY_BYTES - 1 - len(head) - 2) + '"}\n')
+    return "".join(lines).encode()
+
+
+def fill_backlog(server: Server, *, entries: int, timeout: float = BACKLOG_FILL_TIMEOUT) -> dict[str, Any]:
+    """POST NDJSON batches until the summed backlog gauge reaches `entries`; what was posted and answered."""
+    numbers = itertools.count(0, BACKLOG_FILL_ENTRIES)
+    headers = {"Content-Type": "application/x-ndjson", "Authorization": f"Bearer {server.token}"}
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def post() -> None:
+        while not stop.is_set():
+            # Every body different: under `durable`, the same body again soon after a
+            # durable 429 is a resend (the shed resend window), answered as a duplicate.
+            with lock:
+                first = next(numbers)
+            body = batch_body(BACKLOG_FILL_ENTRIES, first)
+            # A new connection each time: gunicorn hands each to whichever worker accepts it.
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            try:
+                conn.request("POST", INBOUND, body=body, headers=headers)
+                status = conn.getresponse().status
+            finally:
+                conn.close()
+            with lock:
+                statuses[status] = statuses.get(status, 0) + 1
+
+    threads = [threading.Thread(target=post, daemon=True) for _ in range(BACKLOG_FILL_THREADS)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            time.sleep(1.2)  # the gauges are published every second
+            backlog = gauge_sum(server.metrics(), "nexus_backlog_entries")
+            if backlog >= entries:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the backlogs hold {backlog} of {entries} entries; answers {statuses}")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    time.sleep(1.2)
+    values = server.metrics()
+    return {
+        "requests": dict(sorted(statuses.items())),
+        "entries_posted": sum(statuses.values()) * BACKLOG_FILL_ENTRIES,
+        "backlog": gauge_sum(values, "nexus_backlog_entries"),
+        "queue_depth": gauge_sum(values, "nexus_queue_depth"),
+    }
+
+
+def memory_backlog(
+    *, queue_size: int = 10_000, backlog: int = BACKLOG_MAX, workers: int = 2, workdir: Path | None = None
+) -> dict[str, Any]:
+    """VmRSS of every worker in MB, idle and with a full queue plus `backlog` durable entries waiting in memory."""
+    env = {"NEXUS_SHED_POLICY": "durable", "NEXUS_QUEUE_SIZE": str(queue_size)}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, gunicorn(SERVICE_APP, Path(tmp), env=env) as server:
+        wait_ready_probe(server)
+        pids = server.worker_pids()
+        assert len(pids) == workers, pids
+        idle = {pid: rss_bytes(pid) for pid in pids}
+        with sqlite_locked(server.data_dir / "nexus.db"):
+            filled = fill_backlog(server, entries=backlog * workers)
+            full = {pid: rss_bytes(pid) for pid in pids}
+        assert server.worker_pids() == pids, "a worker was replaced during the measurement"
+        mb = 1_000_000
+        return {
+            "queue_size": queue_size,
+            "backlog_per_worker": backlog,
+            "entry_bytes": BACKLOG_ENTRY_BYTES,
+            "workers": workers,
+            "idle_rss_mb": [idle[p] / mb for p in pids],
+            "full_rss_mb": [full[p] / mb for p in pids],
+            "max_full_rss_mb": max(full.values()) / mb,
+            "max_growth_mb": max(full[p] - idle[p] for p in pids) / mb,
+            **filled,
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=8)
@@ -144,6 +251,7 @@ def main() -> None:
         for policy in ("reject", "durable")
     }
     report["memory"] = memory(connections=args.connections)
+    report["memory_backlog"] = memory_backlog()
     log(json.dumps({k: {kk: v[kk] for kk in v if not isinstance(v[kk], list)} for k, v in report.items()}))
     print(json.dumps(report, indent=2))
 

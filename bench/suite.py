@@ -11,7 +11,7 @@ All load comes from this machine over loopback, with wrk (-t2 -c64) and bench/po
    whether delivery kept up, then a paced load at half the rate it just reached;
 3. direct vs nginx: the same flat-out load at gunicorn and through deploy/nginx.conf;
 4. shed: 429s with the queues full and the destination locked, policy `reject`, then `durable`;
-5. memory: worker VmRSS with full 10,000-entry queues.
+5. memory: worker VmRSS with full 10,000-entry queues, then with full queues and 100,000-entry backlogs.
 
 Ratios (write path / ceiling, 429s / ceiling, nginx / direct) are taken within a round,
 then summarised as median, min and max over the rounds. After the rounds: the load
@@ -126,6 +126,8 @@ def http_round(round_no: int, *, seconds: float, connections: int, workdir: Path
             log(f"round {round_no} shed {policy} at half the ceiling: p99 {s['paced']['p99_ms']} ms")
     row["memory"] = shed.memory(connections=connections, workdir=workdir)
     log(f"round {round_no} memory: {row['memory']['full_rss_mb']} MB with full queues")
+    row["memory_backlog"] = shed.memory_backlog(workdir=workdir)
+    log(f"round {round_no} memory: {row['memory_backlog']['full_rss_mb']} MB with full queues and backlogs")
 
     ceil = row["ceiling"]["accepted_per_s"]
     row["ratios"] = {

@@ -2,7 +2,7 @@
 
 Nothing in sqlite3 yields to gevent: a statement, an fsync or SQLite's own busy wait
 on a lock held by another worker would stall every greenlet of the process. So the
-connection is opened, used and closed inside one dedicated thread (a `ThreadPool(1)`),
+connection is opened, used and closed inside one dedicated thread (an `IoThread`),
 and greenlets hand it work with `run`, which blocks only the calling greenlet. The
 connection is only ever used by the thread that made it, so `check_same_thread`
 stays on as a tripwire.
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 import gevent.monkey
-from gevent.threadpool import ThreadPool
+
+from ._io_thread import IoThread
 
 T = TypeVar("T")
 _A = TypeVar("_A")
@@ -93,7 +94,7 @@ class SQLiteThread:
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         open_error: Callable[[Exception], Exception] | None = None,
     ) -> None:
-        self._pool = ThreadPool(1)
+        self._pool = IoThread()
         self._path = path
         self._prepare = prepare
         self._busy_timeout_ms = busy_timeout_ms

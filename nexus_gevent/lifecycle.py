@@ -105,7 +105,7 @@ def assemble(settings: Settings, logger: Logger) -> Service:
 
 
 def _counting(meter: RateMeter) -> Callable[[], None]:
-    processed = metrics.PROCESSED
+    processed = metrics.FastCounter(metrics.PROCESSED)
 
     def on_processed() -> None:
         processed.inc()

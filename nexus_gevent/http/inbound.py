@@ -292,8 +292,25 @@ def _checked(index: int, raw: bytes, value: dict[str, object]) -> bytes:
     return raw
 
 
+def header(req: falcon.Request, name: str) -> str | None:
+    """The header `name` as the server passed it (repeats joined by commas), or None.
+
+    What req.get_header() returns, read straight from the WSGI environ under a key
+    computed once per name: Falcon computes it on every call, and a write reads six headers.
+    """
+    value: str | None = req.env.get(_environ_key(name))
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _environ_key(name: str) -> str:
+    """The WSGI environ key of a request header (PEP 3333): HTTP_ and the name in capitals, dashes as underscores."""
+    key = name.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"
+
+
 def optional_header(req: falcon.Request, name: str, code: str, limit: int) -> str | None:
-    value = req.get_header(name)
+    value = header(req, name)
     if value is None:
         return None
     if not value or len(value) > limit or not _visible_ascii(value):
@@ -418,7 +435,7 @@ class InboundResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response, source: str) -> None:
         req.context.source = source
         check_content_type(req)
-        coding = _encoding.content_coding(req.get_header("Content-Encoding"))
+        coding = _encoding.content_coding(header(req, "Content-Encoding"))
         key = idempotency_key(req)
         subject = optional_header(req, "X-Subject", "invalid_subject", MAX_SUBJECT_LENGTH)
         body = read_decoded_body(req, coding, self._settings.max_body_bytes, self._settings.body_timeout)

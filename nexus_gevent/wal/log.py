@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 import gevent
 import gevent.event
-from gevent.threadpool import ThreadPool
 
 from .._files import fsync_directory
+from .._io_thread import IoThread
 from ..entry import Entry
 from ..errors import WalUnavailable
 from . import records
@@ -69,7 +69,7 @@ class Wal:
         self.directory = directory
         self._segment_bytes = segment_bytes
         self._log = logger
-        self._pool = ThreadPool(1)
+        self._pool = IoThread()
         # Thread-side state: touched only inside the I/O thread.
         self._fd = -1
         self._seg = -1

@@ -1,0 +1,127 @@
+"""IoThread: blocking calls run in one OS thread, one at a time, and each caller gets its own answer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import gevent
+import gevent.event
+import pytest
+
+from nexus_gevent._io_thread import IoThread
+
+#: Far above any healthy wait here.
+DEADLINE = 10.0
+
+
+@pytest.fixture
+def io_thread() -> Iterator[IoThread]:
+    """A fresh I/O thread, ended after the test."""
+    thread = IoThread()
+    yield thread
+    thread.kill()
+
+
+def test_a_call_runs_in_another_os_thread_and_returns_its_value(io_thread: IoThread) -> None:
+    """apply() returns what the function returned, computed in a thread that is not the caller's."""
+    caller = threading.get_ident()
+
+    ident, total = io_thread.apply(lambda a, b: (threading.get_ident(), a + b), (2, 3))
+
+    assert total == 5
+    assert ident != caller
+
+
+def test_an_exception_is_raised_in_the_caller(io_thread: IoThread) -> None:
+    """An exception raised by the function reaches the caller as it is."""
+
+    def fail() -> None:
+        raise ValueError("disk says no")
+
+    with pytest.raises(ValueError, match="disk says no"):
+        io_thread.apply(fail)
+
+
+def test_concurrent_callers_each_get_their_own_answer_in_call_order(io_thread: IoThread) -> None:
+    """Fifty greenlets calling at once each get their own result, and the calls ran in the order made."""
+    ran: list[int] = []
+
+    def work(n: int) -> int:
+        ran.append(n)
+        return n * n
+
+    greenlets = [gevent.spawn(io_thread.apply, work, (n,)) for n in range(50)]
+    gevent.joinall(greenlets, timeout=DEADLINE, raise_error=True)
+
+    assert [g.value for g in greenlets] == [n * n for n in range(50)]
+    assert ran == list(range(50))
+
+
+def test_other_greenlets_run_while_a_call_blocks(io_thread: IoThread) -> None:
+    """While the thread blocks, the hub keeps running greenlets: only the caller waits."""
+    release = threading.Event()
+    ticks: list[int] = []
+
+    def tick() -> None:
+        for n in range(3):
+            ticks.append(n)
+            gevent.sleep(0)
+        release.set()
+
+    ticker = gevent.spawn(tick)
+    assert io_thread.apply(lambda: release.wait(DEADLINE)) is True
+    ticker.join()
+
+    assert ticks == [0, 1, 2]
+
+
+def test_a_killed_caller_leaves_the_call_to_finish_and_the_thread_serving(io_thread: IoThread) -> None:
+    """Killing a waiting caller drops only its answer: its call still completes, and later calls are served."""
+    release = threading.Event()
+    done = threading.Event()
+
+    def slow() -> None:
+        release.wait(DEADLINE)
+        done.set()
+
+    caller = gevent.spawn(io_thread.apply, slow)
+    gevent.sleep(0)  # the call is made
+    caller.kill()
+    release.set()
+
+    assert io_thread.apply(lambda: "next") == "next"
+    assert done.is_set()
+
+
+def test_kill_answers_the_calls_already_made_and_refuses_new_ones() -> None:
+    """After kill(), calls made before it are still answered; a new call is refused."""
+    thread = IoThread()
+    release = threading.Event()
+    first = gevent.spawn(thread.apply, lambda: release.wait(DEADLINE) and "first")
+    gevent.sleep(0)
+
+    thread.kill()
+    release.set()
+
+    assert first.get(timeout=DEADLINE) == "first"
+    with pytest.raises(RuntimeError):
+        thread.apply(lambda: None)
+
+
+def test_only_a_waiting_call_keeps_the_hub_loop_alive(io_thread: IoThread) -> None:
+    """The thread's wake-up watcher holds the hub's loop only while a caller waits, so an idle worker can exit."""
+    release = threading.Event()
+    during: list[bool] = []
+
+    def watch() -> None:
+        during.append(io_thread._wake.ref)
+        release.set()
+
+    caller = gevent.spawn(io_thread.apply, lambda: release.wait(DEADLINE))
+    gevent.sleep(0)
+    watch()
+    caller.join(timeout=DEADLINE)
+
+    assert during == [True]
+    assert io_thread._wake.ref is False
