@@ -19,6 +19,7 @@ or not a string gives no key.
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
