@@ -23,6 +23,8 @@ from tests.support.services import skip_or_fail, start_in_session
 MOUNT_TIMEOUT = 60.0
 #: A command on the control socket is answered at once unless the machine is stalled.
 CONTROL_TIMEOUT = 30.0
+#: Every process using the mount is dead before an unmount; this only covers the kernel letting go.
+UNMOUNT_TIMEOUT = 10.0
 
 
 def require_fuse() -> None:
@@ -88,7 +90,19 @@ class LazyMount:
 
         The caller has killed every process that used the mount.
         """
+        self.cut()
+        self.remount()
+
+    def cut(self) -> None:
+        """The power cut itself: from now on the mount answers EIO, and nothing not durable is kept.
+
+        A held fsync (`pause_fsync`) is let go by it, failing; a process killed while
+        inside it can only then die, since the kernel waits for the file system's answer.
+        """
         self.command("cut")
+
+    def remount(self) -> None:
+        """Unmount the cut file system and mount what its backing directory holds; no process may use it."""
         self._unmount()
         self.cuts += 1
         self.start()
@@ -109,21 +123,42 @@ class LazyMount:
 
     def _unmount(self) -> None:
         assert self.proc is not None
-        result = subprocess.run(
-            ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            # Still in use: a process survived the "kill everything" that must precede a cut.
-            # Detach the mount so the next start can mount again, and say so.
+        errors: list[str] = []
+
+        def unmounted() -> bool:
+            command = ["fusermount3", "-u", str(self.mountpoint)]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            errors.append(result.stderr.strip())
+            return result.returncode == 0
+
+        try:
+            # A killed process's files are let go a moment after it is reaped: retry a little.
+            wait_for(unmounted, UNMOUNT_TIMEOUT, "the lazy file system to unmount", interval=0.2)
+        except AssertionError:
+            users = self.users()
+            # Detach the mount so the next start can mount again, and say who held it.
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"unmount failed, the mount was still in use: {result.stderr.strip()}")
+            raise AssertionError(f"unmount failed, still in use by {users}: {errors[-1]}") from None
         try:
             self.proc.wait(MOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+    def users(self) -> dict[int, str]:
+        """pid -> command line of each process with a file, or its cwd, on the mount."""
+        found: dict[int, str] = {}
+        prefix = str(self.mountpoint)
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                links = [os.readlink(proc / "cwd")] + [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+                if any(link.startswith(prefix) for link in links):
+                    found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+        return found
 
     def log_tail(self, lines: int = 30) -> str:
         try:

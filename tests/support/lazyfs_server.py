@@ -36,6 +36,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,6 +156,15 @@ class DirNode(Node):
         self.durable_at: tuple[DirNode, str] | None = None
 
 
+@dataclass
+class Handle:
+    """An open file or directory: its node, whether each write is synced, the path it was opened by."""
+
+    node: Node
+    sync: bool
+    path: str
+
+
 class PowerCut(OSError):
     def __init__(self) -> None:
         super().__init__(errno.EIO, "the power was cut")
@@ -174,7 +184,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         self._mutex = threading.RLock()
         self.dead = False
         self._inos = iter(range(2, 1 << 62))
-        self._handles: dict[int, tuple[Node, bool]] = {}
+        self._handles: dict[int, Handle] = {}
         self._fhs = iter(range(1, 1 << 62))
         self.fsyncs = 0
         self.dir_fsyncs = 0
@@ -257,7 +267,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         if fh:
             handle = self._handles.get(fh)
             if handle is not None:
-                return handle[0]
+                return handle.node
         if path is None:
             raise OSError(errno.EBADF, "no path and no handle")
         return self._resolve(path)
@@ -290,11 +300,11 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         node.nlink = 1
         directory.entries[name] = node
         directory.mtime = _now_ns()
-        return node, self._open_handle(node, 0)
+        return node, self._open_handle(node, 0, path)
 
-    def _open_handle(self, node: Node, flags: int) -> int:
+    def _open_handle(self, node: Node, flags: int, path: str) -> int:
         fh = next(self._fhs)
-        self._handles[fh] = (node, bool(flags & SYNC_FLAGS))
+        self._handles[fh] = Handle(node, bool(flags & SYNC_FLAGS), path)
         if isinstance(node, FileNode):
             node.opens += 1
         return fh
@@ -368,7 +378,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         return self._live(op)
 
     def opendir(self, path: str) -> int:
-        return self._live(lambda: self._open_handle(self._resolve(path), 0))
+        return self._live(lambda: self._open_handle(self._resolve(path), 0, path))
 
     def releasedir(self, path: str | None, fh: int) -> int:
         with self._mutex:
@@ -465,7 +475,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         raise OSError(errno.EPERM, "symlinks are not modelled")
 
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
-        self._maybe_pause(path, "before")
+        self._maybe_pause(fh, "before")
 
         def op() -> int:
             directory = self._node(path, fh)
@@ -476,7 +486,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             return 0
 
         result = self._live(op)
-        self._maybe_pause(path, "after")
+        self._maybe_pause(fh, "after")
         return result
 
     def _sync_dir(self, directory: DirNode) -> None:
@@ -517,7 +527,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
     def create(self, path: str, mode: int, flags: int = 0) -> int:
         def op() -> int:
             _, fh = self._new_file(path, mode)
-            self._handles[fh] = (self._handles[fh][0], bool(flags & SYNC_FLAGS))
+            self._handles[fh].sync = bool(flags & SYNC_FLAGS)
             return fh
 
         return self._live(op)
@@ -539,17 +549,17 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             node = self._resolve(path)
             if not isinstance(node, FileNode):
                 raise OSError(errno.EISDIR, path)
-            return self._open_handle(node, flags)
+            return self._open_handle(node, flags, path)
 
         return self._live(op)
 
     def release(self, path: str | None, fh: int) -> int:
         with self._mutex:
             handle = self._handles.pop(fh, None)
-            if handle is not None and isinstance(handle[0], FileNode):
-                handle[0].opens -= 1
+            if handle is not None and isinstance(handle.node, FileNode):
+                handle.node.opens -= 1
                 if not self.dead:
-                    self._forget_if_unused(handle[0])
+                    self._forget_if_unused(handle.node)
         return 0
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
@@ -559,7 +569,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         def op() -> int:
             node = self._file(path, fh)
             node.write(data, offset)
-            if self._handles[fh][1]:
+            if self._handles[fh].sync:
                 node.sync()
             return len(data)
 
@@ -569,7 +579,8 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         def op() -> int:
             node = self._file(path, fh)
             node.truncate(length)
-            if fh and self._handles.get(fh, (node, False))[1]:
+            handle = self._handles.get(fh) if fh else None
+            if handle is not None and handle.sync:
                 node.sync()
             return 0
 
@@ -590,7 +601,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        self._maybe_pause(path, "before")
+        self._maybe_pause(fh, "before")
 
         def op() -> int:
             self._file(path, fh).sync()
@@ -598,7 +609,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             return 0
 
         result = self._live(op)
-        self._maybe_pause(path, "after")
+        self._maybe_pause(fh, "after")
         return result
 
     # -- the power cut, and holding one fsync ------------------------------------------------
@@ -610,11 +621,13 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             self.pause_name = None
         self.release_paused.set()
 
-    def _maybe_pause(self, path: str | None, when: str) -> None:
+    def _maybe_pause(self, fh: int, when: str) -> None:
         with self._mutex:
-            if self.pause_name is None or path is None or self.pause_when != when:
+            handle = self._handles.get(fh)
+            if self.pause_name is None or handle is None or self.pause_when != when:
                 return
-            if not path.endswith("/" + self.pause_name):
+            # The name it was opened by: libfuse passes no path to fsync (nullpath_ok).
+            if not handle.path.endswith("/" + self.pause_name):
                 return
             # Hold only the first matching fsync; the caller decides what happens next.
             self.pause_name = None
