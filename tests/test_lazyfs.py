@@ -9,26 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nexus_gevent._files import fsync_directory
 from nexus_gevent._shared_map import locked, open_shared_map
-from tests.support.lazyfs import LazyMount, require_fuse
+from tests.support.lazyfs import LazyMount
 
 pytestmark = pytest.mark.fuse
-
-
-@pytest.fixture
-def lazy(tmp_path: Path) -> Iterator[LazyMount]:
-    """A mounted lazy file system under tmp_path, unmounted at the end."""
-    require_fuse()
-    mount = LazyMount(tmp_path)
-    mount.start()
-    yield mount
-    mount.stop()
 
 
 def write_file(path: Path, data: bytes, *, flags: int = 0, sync: str | None = None) -> None:
