@@ -58,7 +58,7 @@ from tests.support.proc import (
 pytestmark = [pytest.mark.process, pytest.mark.fuse]
 
 #: Cycles of start, write, kill -9, power cut; the long mode sets more through the environment.
-CYCLES = int(os.environ.get("NEXUS_POWER_CUT_CYCLES", "5"))
+CYCLES = int(os.environ.get("NEXUS_POWER_CUT_CYCLES", "15"))
 #: Seeds every random choice (when to cut, what each writer sends), so a failing run can be replayed.
 SEED = int(os.environ.get("NEXUS_POWER_CUT_SEED", "20261207"))
 #: The cut comes after a random number of acknowledged entries in this range.
@@ -75,7 +75,7 @@ ROWS_BEFORE_HOLD = 100
 #: Everything on FUSE in Python is slow; these bound a stalled start, not a normal one.
 START_TIMEOUT = 120.0
 ACK_TIMEOUT = 120.0
-FINAL_DELIVERY_TIMEOUT = 300.0
+FINAL_DELIVERY_TIMEOUT = 180.0
 
 #: What the service must find on the mount: generated tokens, rate-limit maps, a small queue (durable 429s).
 SERVICE_ENV = {
@@ -219,6 +219,20 @@ def durable_marks(data_dir: Path) -> set[str]:
     return delivered
 
 
+def kill_all_during_a_hold(server: Gunicorn, lazy: LazyMount) -> None:
+    """kill -9 every process and cut the power while the file system holds one of their calls.
+
+    kill -9 cannot end a process inside a held call (the kernel waits for the file
+    system's answer): signal them all, cut (which lets the held call fail), then reap.
+    """
+    doomed = [server.pid, *server.worker_pids()]
+    for pid in doomed:
+        os.kill(pid, signal.SIGKILL)
+    lazy.cut()
+    server.proc.wait(30)
+    wait_for(lambda: not any(is_alive(pid) for pid in doomed), 30, "killed workers to disappear")
+
+
 @dataclass
 class PowerCutRun:
     """One data directory on a lazy mount, and what every cycle on it acknowledged."""
@@ -283,7 +297,7 @@ def run(tmp_path: Path) -> Iterator[PowerCutRun]:
         lazy.stop()
 
 
-def finish(run: PowerCutRun, cycles: int, capsys: pytest.CaptureFixture[str]) -> None:
+def finish(run: PowerCutRun, cycles: int, capsys: pytest.CaptureFixture[str]) -> Gunicorn:
     """One last start delivers every ack; then each is stored exactly once, and nothing else is."""
     final = run.start()
     db_path = final.db_path
@@ -296,6 +310,7 @@ def finish(run: PowerCutRun, cycles: int, capsys: pytest.CaptureFixture[str]) ->
     problems = row_problems(run.ledger, stored_markers(db_path), responses_may_be_lost=True)
     assert problems == [], f"{summary}\n{len(problems)} problem(s), first ones: {problems[:20]}"
     assert run.ledger.acked, summary
+    return final
 
 
 class TestPowerCutLoop:
@@ -359,14 +374,7 @@ class TestOrderOfDurability:
             # When the next destination commit's fsync is held, and everything dies while it is
             run.lazy.pause_fsync("nexus.db-wal", when)
             wait_for(lambda: run.lazy.paused() > 0, ACK_TIMEOUT, f"a destination fsync held {when} it is durable")
-            # kill -9 cannot end a process inside a held fsync (the kernel waits for the
-            # file system's answer): signal all, cut (which lets the fsync fail), then reap.
-            doomed = [server.pid, *server.worker_pids()]
-            for pid in doomed:
-                os.kill(pid, signal.SIGKILL)
-            run.lazy.cut()
-            server.proc.wait(30)
-            wait_for(lambda: not any(is_alive(pid) for pid in doomed), 30, "killed workers to disappear")
+            kill_all_during_a_hold(server, run.lazy)
         finally:
             writers.stop()
         run.lazy.remount()
@@ -378,3 +386,29 @@ class TestOrderOfDurability:
         assert not orphaned, f"{len(orphaned)} DELIVERED mark(s) durable without their row: {orphaned[:5]}"
         # And a start stores every ack exactly once
         finish(run, 1, capsys)
+
+
+class TestTornWalWrite:
+    """Promise 2 under power loss: a WAL write torn by the cut is skipped and counted, and the service starts."""
+
+    def test_a_cut_in_the_middle_of_a_wal_write_is_skipped_and_counted_at_the_next_start(
+        self, run: PowerCutRun, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Half a WAL batch reaches the disk before the cut: the next start logs and counts it, stores every ack."""
+        # Given writes flowing
+        server = run.start()
+        writers = MixedWriters(server.port, run.ledger, run.keys, first=MARKERS_PER_CYCLE, seed=SEED)
+        writers.start()
+        try:
+            writers.wait_acked(20)
+            # When the power fails in the middle of the next WAL write, with everything killed
+            run.lazy.tear_write(".wal")
+            wait_for(lambda: run.lazy.paused() > 0, ACK_TIMEOUT, "a WAL write torn by the cut")
+            kill_all_during_a_hold(server, run.lazy)
+        finally:
+            writers.stop()
+        run.lazy.remount()
+        # Then the next start skips the torn record, counts and logs it, and stores every ack once
+        final = finish(run, 1, capsys)
+        assert run.damaged_starts == 1, "the torn tail was not counted by the replay"
+        assert final.events("wal_damage_skipped"), final.log_tail()

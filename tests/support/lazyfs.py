@@ -108,8 +108,12 @@ class LazyMount:
         self.start()
 
     def pause_fsync(self, name: str, when: str) -> None:
-        """Hold the next fsync of a file called `name`, `before` or `after` it makes the file durable."""
-        self.command(f"pause-fsync {name} {when}")
+        """Hold the next fsync of a file called `name`, `before` or `after` it makes the file durable, until the cut."""
+        self.command(f"hold fsync /{name} {when}")
+
+    def tear_write(self, suffix: str) -> None:
+        """The next write to a file named `...suffix` gets half its bytes durable, then hangs until the cut."""
+        self.command(f"hold write {suffix} torn")
 
     def paused(self) -> int:
         return int(self.command("paused"))

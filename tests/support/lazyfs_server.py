@@ -17,8 +17,10 @@ fsync writes there. A directory fsync makes the directory's durable entries equa
 its entries in memory: it links, unlinks and renames in BACKING. A directory not yet
 durably named lives at STORE/d<ino>.
 
-The control socket takes one command a connection ("ping", "cut", "pause-fsync NAME
-before|after", "paused", "resume", "stats"). "cut" is the power cut: everything not
+The control socket takes one command a connection ("ping", "cut", "hold fsync SUFFIX
+before|after", "hold write SUFFIX torn", "paused", "resume", "stats"). A hold stops the
+next fsync (before or after it is made durable) or write (after half of it reached the
+disk) of a file whose name ends with SUFFIX, until the cut. "cut" is the power cut: everything not
 durable is forgotten at once and every later operation fails with EIO; the caller
 unmounts, which ends this process, and starts a new one on BACKING, which holds what a
 real power cut would have left. See tests/support/lazyfs.py for the client.
@@ -188,9 +190,9 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         self._fhs = iter(range(1, 1 << 62))
         self.fsyncs = 0
         self.dir_fsyncs = 0
-        # Pausing one fsync (the ordering test): name, "before"/"after", and who is held.
-        self.pause_name: str | None = None
-        self.pause_when = "before"
+        # Holding one operation (the ordering and torn-write tests): (operation, the end of
+        # the name its file was opened by, when), and how many were held.
+        self.hold: tuple[str, str, str] | None = None
         self.paused = 0
         self.release_paused = threading.Event()
         self.root = self._load()
@@ -475,8 +477,6 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         raise OSError(errno.EPERM, "symlinks are not modelled")
 
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
-        self._maybe_pause(fh, "before")
-
         def op() -> int:
             directory = self._node(path, fh)
             if not isinstance(directory, DirNode):
@@ -485,9 +485,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             self.dir_fsyncs += 1
             return 0
 
-        result = self._live(op)
-        self._maybe_pause(fh, "after")
-        return result
+        return self._live(op)
 
     def _sync_dir(self, directory: DirNode) -> None:
         """Make the directory's durable entries those it has in memory."""
@@ -566,6 +564,9 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         return self._live(lambda: self._file(path, fh).read(offset, size))
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        if self._held(fh, "write", "torn"):
+            self._tear(fh, data, offset)
+
         def op() -> int:
             node = self._file(path, fh)
             node.write(data, offset)
@@ -601,7 +602,8 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        self._maybe_pause(fh, "before")
+        if self._held(fh, "fsync", "before"):
+            self.release_paused.wait()
 
         def op() -> int:
             self._file(path, fh).sync()
@@ -609,7 +611,8 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             return 0
 
         result = self._live(op)
-        self._maybe_pause(fh, "after")
+        if self._held(fh, "fsync", "after"):
+            self.release_paused.wait()
         return result
 
     # -- the power cut, and holding one fsync ------------------------------------------------
@@ -618,30 +621,40 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         """Forget everything not durable; every later operation fails with EIO."""
         with self._mutex:
             self.dead = True
-            self.pause_name = None
+            self.hold = None
         self.release_paused.set()
 
-    def _maybe_pause(self, fh: int, when: str) -> None:
+    def _held(self, fh: int, operation: str, when: str) -> bool:
+        """True, once, for the operation the `hold` command names; the caller then holds it."""
         with self._mutex:
             handle = self._handles.get(fh)
-            if self.pause_name is None or handle is None or self.pause_when != when:
-                return
-            # The name it was opened by: libfuse passes no path to fsync (nullpath_ok).
-            if not handle.path.endswith("/" + self.pause_name):
-                return
-            # Hold only the first matching fsync; the caller decides what happens next.
-            self.pause_name = None
+            if handle is None or self.hold is None or self.hold[0] != operation or self.hold[2] != when:
+                return False
+            # The name it was opened by: libfuse passes no path to fsync or write (nullpath_ok).
+            if not handle.path.endswith(self.hold[1]):
+                return False
+            self.hold = None
             self.paused += 1
+            return True
+
+    def _tear(self, fh: int, data: bytes, offset: int) -> None:
+        """The power fails mid-write: its first half reaches the disk, and the write never returns."""
+        with self._mutex:
+            node = self._file(None, fh)
+            node.write(data[: max(1, len(data) // 2)], offset)
+            node.sync()
         self.release_paused.wait()
+        raise PowerCut
 
     def command(self, line: str) -> str:
         """Run one control command; "ok ..." or "error ..."."""
         words = line.split()
         name, args = (words[0], words[1:]) if words else ("", [])
-        if name == "pause-fsync" and len(args) == 2 and args[1] in ("before", "after"):
+        holds = {"fsync": ("before", "after"), "write": ("torn",)}
+        if name == "hold" and len(args) == 3 and args[2] in holds.get(args[0], ()):
             with self._mutex:
                 self.release_paused.clear()
-                self.pause_name, self.pause_when, self.paused = args[0], args[1], 0
+                self.hold, self.paused = (args[0], args[1], args[2]), 0
             return "ok"
         simple: dict[str, Callable[[], str]] = {
             "ping": lambda: "",
@@ -656,7 +669,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
 
     def resume(self) -> None:
         with self._mutex:
-            self.pause_name = None
+            self.hold = None
         self.release_paused.set()
 
 
