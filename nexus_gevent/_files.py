@@ -38,6 +38,7 @@ def make_dirs_durable(path: Path, mode: int = 0o700) -> bool:
             directory.mkdir(mode=mode if directory == path else 0o777)
             created = directory == path
         except FileExistsError:
-            pass
+            if not directory.is_dir():
+                raise
         fsync_directory(directory.parent)
     return created
