@@ -6,13 +6,16 @@ tests/support/lazyfs_server.py, which keeps every write that was not fsynced, an
 name whose directory was not fsynced, in memory only. Each cycle starts gunicorn (two
 workers), writes from several threads (single entries, batches, some with an
 Idempotency-Key), kills -9 every process at a random moment and then cuts the power:
-the file system forgets all that was not durable. The next start runs on what remains.
+the file system forgets all that was not durable. In some cycles the cut comes while
+the file system holds a WAL write half done (a torn tail) or a destination commit's
+fsync (before or after it is durable). The next start runs on what remains.
 
 Checked, row by row, after the last cycle: every acknowledged payload_id (202, durable
 429) is stored exactly once and no row holds anything the client did not send; after
-every cut, each idempotency key answered before it is still answered as a duplicate
-with the same ids, the generated admin token is the same, and the service starts (a
-torn WAL tail is skipped and counted, never fatal).
+every cut, no DELIVERED mark on disk names an entry whose row is not on disk, each
+idempotency key answered before it is still answered as a duplicate with the same ids,
+the generated admin token is the same, and the service starts (a torn WAL tail is
+skipped and counted, never fatal).
 
 NEXUS_POWER_CUT_CYCLES sets the cycles (CI: a few), NEXUS_POWER_CUT_SEED the random
 choices; `bench/power_cut.py --cycles 1000` is the long mode.
@@ -28,6 +31,8 @@ import random
 import signal
 import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +64,8 @@ pytestmark = [pytest.mark.process, pytest.mark.fuse]
 
 #: Cycles of start, write, kill -9, power cut; the long mode sets more through the environment.
 CYCLES = int(os.environ.get("NEXUS_POWER_CUT_CYCLES", "15"))
+#: A time box for the long mode: no cycle starts after this many seconds (0: none).
+CYCLE_SECONDS = float(os.environ.get("NEXUS_POWER_CUT_SECONDS", "0"))
 #: Seeds every random choice (when to cut, what each writer sends), so a failing run can be replayed.
 SEED = int(os.environ.get("NEXUS_POWER_CUT_SEED", "20261207"))
 #: The cut comes after a random number of acknowledged entries in this range.
@@ -68,6 +75,9 @@ WRITER_THREADS = 4
 MARKERS_PER_CYCLE = 1_000_000
 #: A batch holds this many entries at most.
 MAX_BATCH = 5
+#: When each cycle's cut comes: at once, or while the file system holds a WAL write half
+#: done (a torn tail), or a destination commit's fsync before or after it is durable.
+CUTS = ("now", "now", "torn-wal-write", "commit-before", "commit-after")
 #: Keys answered before older cuts are re-checked by sample; those of the last cycle all.
 OLD_KEYS_CHECKED = 20
 #: The ordering test holds a destination commit only after this many rows were delivered.
@@ -219,6 +229,20 @@ def durable_marks(data_dir: Path) -> set[str]:
     return delivered
 
 
+def cut_while(how: str, server: Gunicorn, lazy: LazyMount) -> None:
+    """Kill every process and cut the power now, or while the file system holds the call `how` names."""
+    if how == "now":
+        server.kill9_all()
+        lazy.cut()
+        return
+    if how == "torn-wal-write":
+        lazy.tear_write(".wal")
+    else:
+        lazy.pause_fsync("nexus.db-wal", how.removeprefix("commit-"))
+    wait_for(lambda: lazy.paused() > 0, ACK_TIMEOUT, f"the file system to hold a call ({how})")
+    kill_all_during_a_hold(server, lazy)
+
+
 def kill_all_during_a_hold(server: Gunicorn, lazy: LazyMount) -> None:
     """kill -9 every process and cut the power while the file system holds one of their calls.
 
@@ -245,6 +269,7 @@ class PowerCutRun:
     damaged_starts: int = 0
     damaged_runs: int = 0
     admin_token: str | None = None
+    cuts: Counter[str] = field(default_factory=Counter)
 
     @property
     def data_dir(self) -> Path:
@@ -278,6 +303,7 @@ class PowerCutRun:
             f"stored_rows={sum(counts.values())} missing={missing} duplicates={duplicates} "
             f"keys_checked={len(self.keys.answered)} starts={self.starts} damaged_starts={self.damaged_starts} "
             f"damaged_runs={self.damaged_runs} lost_responses={len(self.ledger.lost)} "
+            f"cuts={dict(sorted(self.cuts.items()))} "
             f"outcomes={dict(sorted(self.ledger.outcomes.items()))}"
         )
 
@@ -322,7 +348,12 @@ class TestPowerCutLoop:
         """kill -9 of every process plus a power cut, again and again: every ack is stored once, every key kept."""
         rng = random.Random(SEED)
         checked: dict[str, tuple[bytes, tuple[str, ...]]] = {}
+        deadline = time.monotonic() + CYCLE_SECONDS if CYCLE_SECONDS > 0 else None
+        cycles = 0
         for cycle in range(CYCLES):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            cycles += 1
             # Given the service started on what the last cut left
             server = run.start()
             # Then every key answered before the cut is still a duplicate of the same ids
@@ -337,14 +368,19 @@ class TestPowerCutLoop:
                 server.port, run.ledger, run.keys, first=(cycle + 1) * MARKERS_PER_CYCLE, seed=SEED + cycle
             )
             writers.start()
+            how = rng.choice(CUTS)
             try:
                 writers.wait_acked(run.ledger.acked_count + rng.randint(*ACKS_BEFORE_CUT))
-                server.kill9_all()
+                cut_while(how, server, run.lazy)
             finally:
                 writers.stop()
-            run.lazy.power_cut()
+            run.cuts[how] += 1
+            run.lazy.remount()
+            # And no DELIVERED mark outlived its row
+            orphaned = sorted(durable_marks(run.data_dir) - set(count_rows(server.db_path)))
+            assert not orphaned, f"cycle {cycle} ({how}): DELIVERED marks durable without their row: {orphaned[:5]}"
         # Then a last start stores every ack exactly once
-        finish(run, CYCLES, capsys)
+        finish(run, cycles, capsys)
 
 
 class TestOrderOfDurability:
