@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         env["NEXUS_POWER_CUT_SEED"] = str(args.seed)
     # A temporary folder of its own: pytest prunes old folders under its shared default,
     # and another pytest on the machine must never walk into this run's mount.
-    with tempfile.TemporaryDirectory(prefix="nexus-power-cut-") as base:
+    with tempfile.TemporaryDirectory(prefix="nexus-power-cut-", ignore_cleanup_errors=True) as base:
         command = [sys.executable, "-m", "pytest", "tests/test_power_cut.py", "-q", "-k", "Loop"]
         command += ["-p", "no:cacheprovider", f"--basetemp={base}/pytest"]
         return subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
