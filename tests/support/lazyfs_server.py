@@ -168,6 +168,8 @@ class Handle:
 
 
 class PowerCut(OSError):
+    """What every call gets after the cut: EIO, as from a disk that is gone."""
+
     def __init__(self) -> None:
         super().__init__(errno.EIO, "the power was cut")
 
@@ -176,7 +178,8 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
     """The file system's operations; one lock serialises them (a test tool, not a fast one)."""
 
     use_ns = True
-    # With hard_remove, an unlinked file still open is reached by its handle alone.
+    # nullpath_ok: calls on an open file come with its handle and no path (an unlinked
+    # open file has none, under hard_remove), so they never depend on the name.
     flag_nopath = True
     flag_nullpath_ok = True
 
