@@ -22,6 +22,8 @@ import gevent.monkey
 
 from ._io_thread import IoThread
 
+from ._files import make_dirs_durable
+
 T = TypeVar("T")
 _A = TypeVar("_A")
 
@@ -150,7 +152,7 @@ class SQLiteThread:
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dirs_durable(self._path.parent)
         create_private_file(self._path)
         # isolation_level=None: the module opens no transactions of its own; callers
         # issue BEGIN IMMEDIATE / COMMIT themselves.

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from ._files import fsync_directory
+from ._files import fsync_directory, make_dirs_durable
 from .errors import ConfigError
 
 #: Mode of a generated secret file: readable by the service's user only.
@@ -77,10 +77,7 @@ def ensure_private_dir(path: Path) -> bool:
     """
     if path.is_dir():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=PRIVATE_DIR_MODE)
-    except FileExistsError:
+    if not make_dirs_durable(path, PRIVATE_DIR_MODE):
         # Another worker won the race; it applies the mode.
         return False
     # mkdir's mode is filtered through the umask; set it exactly.

@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from nexus_gevent.logs import configure_logging
+from tests.support.lazyfs import LazyMount, require_fuse
 from tests.support.proc import Launcher
 
 if TYPE_CHECKING:
@@ -46,6 +47,16 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
     launcher = Launcher(tmp_path)
     yield launcher
     launcher.cleanup()
+
+
+@pytest.fixture
+def lazy(tmp_path: Path) -> Iterator[LazyMount]:
+    """The lazy FUSE file system (tests/support/lazyfs_server.py) mounted under tmp_path, unmounted at the end."""
+    require_fuse()
+    mount = LazyMount(tmp_path)
+    mount.start()
+    yield mount
+    mount.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._files import make_dirs_durable
+
 LOCK_NAME = "LOCK"
 _PREFIX = "w"
 
@@ -32,7 +34,7 @@ class DirLock:
 
 def try_lock(path: Path) -> DirLock | None:
     """Lock `path` if no live process holds it; never blocks."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs_durable(path)
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     if not flock_or_close(fd, fcntl.LOCK_EX):
         return None
@@ -67,7 +69,7 @@ def existing_dirs(root: Path) -> list[Path]:
 
 def claim(root: Path) -> DirLock:
     """Take the lowest-numbered free WAL directory under `root`, creating one if none is free."""
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs_durable(root)
     taken = existing_dirs(root)
     for path in taken:
         held = try_lock(path)

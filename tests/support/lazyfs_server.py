@@ -1,0 +1,737 @@
+"""A FUSE file system that forgets what was not made durable, as a power cut would (after Jepsen's LazyFS).
+
+    python -m tests.support.lazyfs_server BACKING MOUNTPOINT --control SOCKET
+
+It passes through to BACKING, a real directory that holds only the *durable* state:
+- A file's written bytes stay in this process's memory (4 KiB pages over the backing
+  file) until fsync or fdatasync of that file, or they were written through a descriptor
+  opened with O_SYNC or O_DSYNC; truncate and ftruncate are writes like any other.
+- A creation, unlink, rename, link, mkdir or rmdir changes only the view in memory until
+  the directory that holds the name is fsynced. Until then the durable name is the old
+  one (or none): a new file that was fsynced but whose directory was not is lost whole.
+- Every read sees the newest state, as a page cache would.
+
+Every file's durable bytes live in one backing inode, reachable from STORE/<ino> (a
+hard link kept next to BACKING) whether or not any durable name points to it; an
+fsync writes there. A directory fsync makes the directory's durable entries equal to
+its entries in memory: it links, unlinks and renames in BACKING. A directory not yet
+durably named lives at STORE/d<ino>.
+
+The control socket takes one command a connection ("ping", "cut", "hold fsync SUFFIX
+before|after", "hold write SUFFIX torn", "paused", "resume", "stats"). A hold stops the
+next fsync (before or after it is made durable) or write (after half of it reached the
+disk) of a file whose name ends with SUFFIX, until the cut. "cut" is the power cut: everything not
+durable is forgotten at once and every later operation fails with EIO; the caller
+unmounts, which ends this process, and starts a new one on BACKING, which holds what a
+real power cut would have left. See tests/support/lazyfs.py for the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mfusepy
+
+#: The unit of the cache; a write of part of a page reads the rest from the durable file first.
+PAGE = 4096
+#: Flags of an open that makes each write durable before it returns (O_SYNC contains O_DSYNC on Linux).
+SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
+
+T = TypeVar("T")
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class Node:
+    """An inode in memory: what readers see now, plus where its durable state lives."""
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int) -> None:
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime = self.ctime = self.atime = _now_ns()
+        #: Names in memory that point here.
+        self.nlink = 0
+
+
+class FileNode(Node):
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, *, fd: int, durable_size: int) -> None:
+        super().__init__(ino, mode, uid, gid)
+        #: The backing inode, opened through STORE/<ino>.
+        self.fd = fd
+        self.size = durable_size
+        self.durable_size = durable_size
+        #: Bytes of the backing file still valid; past it, a shrink since the last sync made them zeros.
+        self.durable_valid = durable_size
+        #: Pages written since the last sync: page number -> PAGE bytes (zeros past `size`).
+        self.pages: dict[int, bytearray] = {}
+        self.opens = 0
+        #: Durable names (entries in backing directories) that point here.
+        self.durable_links = 0
+
+    def durable_read(self, offset: int, length: int) -> bytes:
+        if offset >= self.durable_valid:
+            return bytes(length)
+        data = os.pread(self.fd, min(length, self.durable_valid - offset), offset)
+        return data + bytes(length - len(data))
+
+    def page(self, number: int) -> bytearray:
+        page = self.pages.get(number)
+        if page is None:
+            page = bytearray(self.durable_read(number * PAGE, PAGE))
+            self.pages[number] = page
+        return page
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            number, within = divmod(pos, PAGE)
+            n = min(PAGE - within, end - pos)
+            page = self.pages.get(number)
+            out += page[within : within + n] if page is not None else self.durable_read(pos, n)
+            pos += n
+        return bytes(out)
+
+    def write(self, data: bytes, offset: int) -> None:
+        pos, view = offset, memoryview(data)
+        while view:
+            number, within = divmod(pos, PAGE)
+            n = min(PAGE - within, len(view))
+            if within == 0 and n == PAGE:
+                self.pages[number] = bytearray(view[:n])
+            else:
+                self.page(number)[within : within + n] = view[:n]
+            pos += n
+            view = view[n:]
+        self.size = max(self.size, offset + len(data))
+        self.mtime = _now_ns()
+
+    def truncate(self, length: int) -> None:
+        if length < self.size:
+            for number in [p for p in self.pages if p * PAGE >= length]:
+                del self.pages[number]
+            number, within = divmod(length, PAGE)
+            if within:
+                page = self.page(number)
+                page[within:] = bytes(PAGE - within)
+            self.durable_valid = min(self.durable_valid, length)
+        self.size = length
+        self.mtime = _now_ns()
+
+    def sync(self) -> None:
+        """Make what readers see durable: the dirty pages, and the size."""
+        if self.durable_valid < self.durable_size:
+            os.ftruncate(self.fd, self.durable_valid)
+        for number, page in sorted(self.pages.items()):
+            start = number * PAGE
+            if start < self.size:
+                os.pwrite(self.fd, page[: self.size - start], start)
+        os.ftruncate(self.fd, self.size)
+        self.pages.clear()
+        self.durable_size = self.durable_valid = self.size
+
+
+class DirNode(Node):
+    def __init__(self, ino: int, mode: int, uid: int, gid: int) -> None:
+        super().__init__(ino, mode, uid, gid)
+        self.entries: dict[str, Node] = {}
+        #: Entries as the backing directory holds them.
+        self.durable: dict[str, Node] = {}
+        #: Where the backing directory is: (durable parent, name), or None for STORE/d<ino>.
+        self.durable_at: tuple[DirNode, str] | None = None
+
+
+@dataclass
+class Handle:
+    """An open file or directory: its node, whether each write is synced, the path it was opened by."""
+
+    node: Node
+    sync: bool
+    path: str
+
+
+class PowerCut(OSError):
+    """What every call gets after the cut: EIO, as from a disk that is gone."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EIO, "the power was cut")
+
+
+class LazyFS(mfusepy.Operations):  # type: ignore[misc]
+    """The file system's operations; one lock serialises them (a test tool, not a fast one)."""
+
+    use_ns = True
+    # nullpath_ok: calls on an open file come with its handle and no path (an unlinked
+    # open file has none, under hard_remove), so they never depend on the name.
+    flag_nopath = True
+    flag_nullpath_ok = True
+
+    def __init__(self, backing: Path, store: Path) -> None:
+        self.backing = backing
+        self.store = store
+        self._mutex = threading.RLock()
+        self.dead = False
+        self._inos = iter(range(2, 1 << 62))
+        self._handles: dict[int, Handle] = {}
+        self._fhs = iter(range(1, 1 << 62))
+        self.fsyncs = 0
+        self.dir_fsyncs = 0
+        # Holding one operation (the ordering and torn-write tests): (operation, the end of
+        # the name its file was opened by, when), and how many were held.
+        self.hold: tuple[str, str, str] | None = None
+        self.paused = 0
+        self.release_paused = threading.Event()
+        self.root = self._load()
+
+    # -- loading the durable state (a mount after a power cut) ------------------
+
+    def _load(self) -> DirNode:
+        shutil.rmtree(self.store, ignore_errors=True)
+        self.store.mkdir(parents=True)
+        st = os.stat(self.backing)
+        root = DirNode(1, st.st_mode, st.st_uid, st.st_gid)
+        root.nlink = 1
+        by_inode: dict[tuple[int, int], FileNode] = {}
+        self._scan(root, self.backing, by_inode)
+        return root
+
+    def _scan(self, directory: DirNode, path: Path, by_inode: dict[tuple[int, int], FileNode]) -> None:
+        for entry in os.scandir(path):
+            st = entry.stat(follow_symlinks=False)
+            node: Node
+            if stat.S_ISDIR(st.st_mode):
+                node = DirNode(next(self._inos), st.st_mode, st.st_uid, st.st_gid)
+                node.durable_at = (directory, entry.name)
+                self._scan(node, Path(entry.path), by_inode)
+            elif stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                existing = by_inode.get(key)
+                if existing is None:
+                    ino = next(self._inos)
+                    os.link(entry.path, self.store / str(ino))
+                    fd = os.open(self.store / str(ino), os.O_RDWR | os.O_CLOEXEC)
+                    existing = FileNode(ino, st.st_mode, st.st_uid, st.st_gid, fd=fd, durable_size=st.st_size)
+                    by_inode[key] = existing
+                node = existing
+                existing.durable_links += 1
+            else:
+                continue  # sockets, symlinks: nothing the service keeps durable
+            node.mtime = st.st_mtime_ns
+            node.nlink += 1
+            directory.entries[entry.name] = node
+            directory.durable[entry.name] = node
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _backing_dir(self, directory: DirNode) -> Path:
+        if directory is self.root:
+            return self.backing
+        if directory.durable_at is None:
+            return self.store / f"d{directory.ino}"
+        parent, name = directory.durable_at
+        return self._backing_dir(parent) / name
+
+    def _split(self, path: str) -> tuple[DirNode, str]:
+        parent, _, name = path.rstrip("/").rpartition("/")
+        directory = self._resolve(parent or "/")
+        if not isinstance(directory, DirNode):
+            raise OSError(errno.ENOTDIR, path)
+        return directory, name
+
+    def _resolve(self, path: str) -> Node:
+        node: Node = self.root
+        for part in path.strip("/").split("/"):
+            if not part:
+                continue
+            if not isinstance(node, DirNode):
+                raise OSError(errno.ENOTDIR, path)
+            found = node.entries.get(part)
+            if found is None:
+                raise OSError(errno.ENOENT, path)
+            node = found
+        return node
+
+    def _node(self, path: str | None, fh: int | None) -> Node:
+        if fh:
+            handle = self._handles.get(fh)
+            if handle is not None:
+                return handle.node
+        if path is None:
+            raise OSError(errno.EBADF, "no path and no handle")
+        return self._resolve(path)
+
+    def _file(self, path: str | None, fh: int | None) -> FileNode:
+        node = self._node(path, fh)
+        if not isinstance(node, FileNode):
+            raise OSError(errno.EISDIR, str(path))
+        return node
+
+    def _forget_if_unused(self, node: Node) -> None:
+        if isinstance(node, FileNode) and node.nlink == 0 and node.opens == 0 and node.durable_links == 0:
+            os.close(node.fd)
+            os.unlink(self.store / str(node.ino))
+
+    def _live(self, op: Callable[[], T]) -> T:
+        with self._mutex:
+            if self.dead:
+                raise PowerCut
+            return op()
+
+    def _new_file(self, path: str, mode: int) -> tuple[FileNode, int]:
+        directory, name = self._split(path)
+        if name in directory.entries:
+            raise OSError(errno.EEXIST, path)
+        ino = next(self._inos)
+        fd = os.open(self.store / str(ino), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        uid, gid, _ = mfusepy.fuse_get_context()
+        node = FileNode(ino, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, fd=fd, durable_size=0)
+        node.nlink = 1
+        directory.entries[name] = node
+        directory.mtime = _now_ns()
+        return node, self._open_handle(node, 0, path)
+
+    def _open_handle(self, node: Node, flags: int, path: str) -> int:
+        fh = next(self._fhs)
+        self._handles[fh] = Handle(node, bool(flags & SYNC_FLAGS), path)
+        if isinstance(node, FileNode):
+            node.opens += 1
+        return fh
+
+    # -- attributes --------------------------------------------------------------
+
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
+        def op() -> dict[str, Any]:
+            node = self._node(path, fh)
+            size = node.size if isinstance(node, FileNode) else PAGE
+            nlink = node.nlink
+            if isinstance(node, DirNode):
+                nlink += 1 + sum(isinstance(child, DirNode) for child in node.entries.values())
+            return {
+                "st_mode": node.mode,
+                "st_nlink": max(nlink, 1),
+                "st_size": size,
+                "st_blocks": (size + 511) // 512,
+                "st_uid": node.uid,
+                "st_gid": node.gid,
+                "st_atime": node.atime,
+                "st_mtime": node.mtime,
+                "st_ctime": node.ctime,
+            }
+
+        return self._live(op)
+
+    def chmod(self, path: str | None, mode: int) -> int:
+        def op() -> int:
+            node = self._resolve(path or "/")
+            node.mode = (node.mode & ~0o7777) | (mode & 0o7777)
+            node.ctime = _now_ns()
+            return 0
+
+        return self._live(op)
+
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
+        def op() -> int:
+            node = self._resolve(path or "/")
+            node.uid = node.uid if uid == -1 else uid
+            node.gid = node.gid if gid == -1 else gid
+            return 0
+
+        return self._live(op)
+
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
+        def op() -> int:
+            node = self._resolve(path or "/")
+            node.atime, node.mtime = times if times is not None else (_now_ns(), _now_ns())
+            return 0
+
+        return self._live(op)
+
+    def access(self, path: str, amode: int) -> int:
+        return self._live(lambda: (self._resolve(path), 0)[1])
+
+    def statfs(self, path: str) -> dict[str, int]:
+        st = os.statvfs(self.backing)
+        keys = ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_frsize", "f_namemax")
+        return {key: getattr(st, key) for key in keys}
+
+    # -- the namespace (in memory until the directory is fsynced) ----------------------------
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        def op() -> list[str]:
+            node = self._node(path, fh)
+            if not isinstance(node, DirNode):
+                raise OSError(errno.ENOTDIR, path)
+            return [".", "..", *node.entries]
+
+        return self._live(op)
+
+    def opendir(self, path: str) -> int:
+        return self._live(lambda: self._open_handle(self._resolve(path), 0, path))
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        with self._mutex:
+            self._handles.pop(fh, None)
+        return 0
+
+    def mkdir(self, path: str, mode: int) -> int:
+        def op() -> int:
+            directory, name = self._split(path)
+            if name in directory.entries:
+                raise OSError(errno.EEXIST, path)
+            uid, gid, _ = mfusepy.fuse_get_context()
+            node = DirNode(next(self._inos), stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+            node.nlink = 1
+            os.mkdir(self.store / f"d{node.ino}", 0o700)
+            directory.entries[name] = node
+            directory.mtime = _now_ns()
+            return 0
+
+        return self._live(op)
+
+    def rmdir(self, path: str) -> int:
+        def op() -> int:
+            directory, name = self._split(path)
+            node = directory.entries.get(name)
+            if node is None:
+                raise OSError(errno.ENOENT, path)
+            if not isinstance(node, DirNode):
+                raise OSError(errno.ENOTDIR, path)
+            if node.entries:
+                raise OSError(errno.ENOTEMPTY, path)
+            del directory.entries[name]
+            node.nlink = 0
+            return 0
+
+        return self._live(op)
+
+    def unlink(self, path: str) -> int:
+        def op() -> int:
+            directory, name = self._split(path)
+            node = directory.entries.get(name)
+            if node is None:
+                raise OSError(errno.ENOENT, path)
+            if isinstance(node, DirNode):
+                raise OSError(errno.EISDIR, path)
+            del directory.entries[name]
+            node.nlink -= 1
+            directory.mtime = _now_ns()
+            self._forget_if_unused(node)
+            return 0
+
+        return self._live(op)
+
+    def link(self, target: str, source: str) -> int:
+        def op() -> int:
+            node = self._resolve(source)
+            if isinstance(node, DirNode):
+                raise OSError(errno.EPERM, source)
+            directory, name = self._split(target)
+            if name in directory.entries:
+                raise OSError(errno.EEXIST, target)
+            directory.entries[name] = node
+            node.nlink += 1
+            return 0
+
+        return self._live(op)
+
+    def rename(self, old: str, new: str) -> int:
+        def op() -> int:
+            src_dir, src_name = self._split(old)
+            node = src_dir.entries.get(src_name)
+            if node is None:
+                raise OSError(errno.ENOENT, old)
+            dst_dir, dst_name = self._split(new)
+            replaced = dst_dir.entries.get(dst_name)
+            if replaced is node:
+                return 0
+            if replaced is not None:
+                if isinstance(replaced, DirNode) != isinstance(node, DirNode):
+                    raise OSError(errno.EISDIR if isinstance(replaced, DirNode) else errno.ENOTDIR, new)
+                if isinstance(replaced, DirNode) and replaced.entries:
+                    raise OSError(errno.ENOTEMPTY, new)
+                replaced.nlink -= 1
+            del src_dir.entries[src_name]
+            dst_dir.entries[dst_name] = node
+            src_dir.mtime = dst_dir.mtime = _now_ns()
+            if replaced is not None:
+                self._forget_if_unused(replaced)
+            return 0
+
+        return self._live(op)
+
+    def symlink(self, target: str, source: str) -> int:
+        raise OSError(errno.EPERM, "symlinks are not modelled")
+
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
+        def op() -> int:
+            directory = self._node(path, fh)
+            if not isinstance(directory, DirNode):
+                raise OSError(errno.ENOTDIR, str(path))
+            self._sync_dir(directory)
+            self.dir_fsyncs += 1
+            return 0
+
+        return self._live(op)
+
+    def _sync_dir(self, directory: DirNode) -> None:
+        """Make the directory's durable entries those it has in memory."""
+        here = self._backing_dir(directory)
+        for name, node in list(directory.durable.items()):
+            if directory.entries.get(name) is node:
+                continue
+            del directory.durable[name]
+            if isinstance(node, FileNode):
+                os.unlink(here / name)
+                node.durable_links -= 1
+                self._forget_if_unused(node)
+            elif isinstance(node, DirNode):
+                os.rename(here / name, self.store / f"d{node.ino}")
+                node.durable_at = None
+        for name, node in directory.entries.items():
+            if directory.durable.get(name) is node:
+                continue
+            if isinstance(node, FileNode):
+                os.link(self.store / str(node.ino), here / name)
+                node.durable_links += 1
+            elif isinstance(node, DirNode):
+                # A directory has one durable name: moving it here takes it from where it was.
+                os.rename(self._backing_dir(node), here / name)
+                if node.durable_at is not None:
+                    old_parent, old_name = node.durable_at
+                    del old_parent.durable[old_name]
+                node.durable_at = (directory, name)
+            directory.durable[name] = node
+        for node in directory.durable.values():
+            # The backing inode holds the durable mode, so a synced name shows the mode it had.
+            if isinstance(node, FileNode):
+                os.fchmod(node.fd, stat.S_IMODE(node.mode))
+
+    # -- file data (in memory until fsync) ---------------------------------------------------
+
+    def create(self, path: str, mode: int, flags: int = 0) -> int:
+        def op() -> int:
+            _, fh = self._new_file(path, mode)
+            self._handles[fh].sync = bool(flags & SYNC_FLAGS)
+            return fh
+
+        return self._live(op)
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EPERM, "only regular files are modelled")
+
+        def op() -> int:
+            node, fh = self._new_file(path, mode)
+            self._handles.pop(fh)
+            node.opens -= 1
+            return 0
+
+        return self._live(op)
+
+    def open(self, path: str, flags: int) -> int:
+        def op() -> int:
+            node = self._resolve(path)
+            if not isinstance(node, FileNode):
+                raise OSError(errno.EISDIR, path)
+            return self._open_handle(node, flags, path)
+
+        return self._live(op)
+
+    def release(self, path: str | None, fh: int) -> int:
+        with self._mutex:
+            handle = self._handles.pop(fh, None)
+            if handle is not None and isinstance(handle.node, FileNode):
+                handle.node.opens -= 1
+                if not self.dead:
+                    self._forget_if_unused(handle.node)
+        return 0
+
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        return self._live(lambda: self._file(path, fh).read(offset, size))
+
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        if self._held(fh, "write", "torn"):
+            self._tear(fh, data, offset)
+
+        def op() -> int:
+            node = self._file(path, fh)
+            node.write(data, offset)
+            if self._handles[fh].sync:
+                node.sync()
+            return len(data)
+
+        return self._live(op)
+
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        def op() -> int:
+            node = self._file(path, fh)
+            node.truncate(length)
+            handle = self._handles.get(fh) if fh else None
+            if handle is not None and handle.sync:
+                node.sync()
+            return 0
+
+        return self._live(op)
+
+    def fallocate(self, path: str | None, mode: int, offset: int, length: int, fh: int) -> int:
+        def op() -> int:
+            node = self._file(path, fh)
+            if mode == 0 and offset + length > node.size:
+                node.truncate(offset + length)
+            elif mode not in (0, 1):  # 1: FALLOC_FL_KEEP_SIZE, which changes nothing a reader sees
+                raise OSError(errno.EOPNOTSUPP, "fallocate mode")
+            return 0
+
+        return self._live(op)
+
+    def flush(self, path: str | None, fh: int) -> int:
+        return 0
+
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        if self._held(fh, "fsync", "before"):
+            self.release_paused.wait()
+
+        def op() -> int:
+            self._file(path, fh).sync()
+            self.fsyncs += 1
+            return 0
+
+        result = self._live(op)
+        if self._held(fh, "fsync", "after"):
+            self.release_paused.wait()
+        return result
+
+    # -- the power cut, and holding one fsync ------------------------------------------------
+
+    def cut(self) -> None:
+        """Forget everything not durable; every later operation fails with EIO."""
+        with self._mutex:
+            self.dead = True
+            self.hold = None
+        self.release_paused.set()
+
+    def _held(self, fh: int, operation: str, when: str) -> bool:
+        """True, once, for the operation the `hold` command names; the caller then holds it."""
+        with self._mutex:
+            handle = self._handles.get(fh)
+            if handle is None or self.hold is None or self.hold[0] != operation or self.hold[2] != when:
+                return False
+            # The name it was opened by: libfuse passes no path to fsync or write (nullpath_ok).
+            if not handle.path.endswith(self.hold[1]):
+                return False
+            self.hold = None
+            self.paused += 1
+            return True
+
+    def _tear(self, fh: int, data: bytes, offset: int) -> None:
+        """The power fails mid-write: its first half reaches the disk, and the write never returns."""
+        with self._mutex:
+            node = self._file(None, fh)
+            node.write(data[: max(1, len(data) // 2)], offset)
+            node.sync()
+        self.release_paused.wait()
+        raise PowerCut
+
+    def command(self, line: str) -> str:
+        """Run one control command; "ok ..." or "error ..."."""
+        words = line.split()
+        name, args = (words[0], words[1:]) if words else ("", [])
+        holds = {"fsync": ("before", "after"), "write": ("torn",)}
+        if name == "hold" and len(args) == 3 and args[2] in holds.get(args[0], ()):
+            with self._mutex:
+                self.release_paused.clear()
+                self.hold, self.paused = (args[0], args[1], args[2]), 0
+            return "ok"
+        simple: dict[str, Callable[[], str]] = {
+            "ping": lambda: "",
+            "cut": _quiet(self.cut),
+            "paused": lambda: str(self.paused),
+            "resume": _quiet(self.resume),
+            "stats": lambda: f"fsyncs={self.fsyncs} dir_fsyncs={self.dir_fsyncs} dead={int(self.dead)}",
+        }
+        if name not in simple or args:
+            return f"error unknown command {line!r}"
+        return f"ok {simple[name]()}".rstrip()
+
+    def resume(self) -> None:
+        with self._mutex:
+            self.hold = None
+        self.release_paused.set()
+
+
+def _quiet(action: Callable[[], None]) -> Callable[[], str]:
+    """`action` as a command whose answer is a bare "ok"."""
+
+    def run() -> str:
+        action()
+        return ""
+
+    return run
+
+
+def serve_control(fs: LazyFS, path: Path) -> None:
+    """Answer one command per connection on the Unix socket at `path`, in a daemon thread."""
+    path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+
+    def loop() -> None:
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall((fs.command(data.decode().strip()) + "\n").encode())
+
+    threading.Thread(target=loop, name="lazyfs-control", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("backing", type=Path)
+    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("--control", type=Path, required=True)
+    parser.add_argument("--store", type=Path, default=None, help="default: BACKING.store beside BACKING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    backing = args.backing.resolve()
+    store = args.store.resolve() if args.store else backing.with_name(backing.name + ".store")
+    fs = LazyFS(backing, store)
+    serve_control(fs, args.control)
+    # hard_remove: an unlinked open file is really unlinked here, not renamed to .fuse_hidden*,
+    # which would be a namespace change of libfuse's own. direct_io stays off, so mmap works.
+    _FUSE(fs, str(args.mountpoint), foreground=True, hard_remove=True, fsname="lazyfs")
+    return 0
+
+
+class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy, but ftruncate keeps its handle (mfusepy drops it), so O_SYNC ftruncates sync."""
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        return int(self.ftruncate(path, length, fip))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

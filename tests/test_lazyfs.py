@@ -1,0 +1,197 @@
+"""The lazy file system itself: a power cut keeps exactly what was made durable, and nothing else.
+
+Each test writes through the mount from this process (the file system is a process of
+its own), closes everything, cuts the power, and reads what the remount shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from nexus_gevent._files import fsync_directory
+from nexus_gevent._shared_map import locked, open_shared_map
+from tests.support.lazyfs import LazyMount
+
+pytestmark = pytest.mark.fuse
+
+
+def write_file(path: Path, data: bytes, *, flags: int = 0, sync: str | None = None) -> None:
+    """Create or overwrite `path` with `data`; then fsync or fdatasync it if `sync` says so."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o600)
+    try:
+        os.write(fd, data)
+        if sync == "fsync":
+            os.fsync(fd)
+        elif sync == "fdatasync":
+            os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_file(lazy: LazyMount, name: str, data: bytes) -> Path:
+    """A file whose bytes and name are both durable already."""
+    path = lazy.mountpoint / name
+    write_file(path, data, sync="fsync")
+    fsync_directory(lazy.mountpoint)
+    return path
+
+
+def append(path: Path, data: bytes, flags: int = 0) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | flags)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+class TestFileData:
+    """Written bytes reach the durable state only through fsync, fdatasync, O_SYNC or O_DSYNC."""
+
+    @pytest.mark.parametrize("call", ["fsync", "fdatasync"])
+    def test_synced_bytes_survive_a_cut_and_later_unsynced_bytes_do_not(self, lazy: LazyMount, call: str) -> None:
+        """Bytes covered by fsync/fdatasync are there after a cut; bytes written after it are gone."""
+        # Given a durable file overwritten and synced, then appended to without a sync
+        path = durable_file(lazy, "data", b"old")
+        write_file(path, b"synced", sync=call)
+        append(path, b"+unsynced")
+        assert path.read_bytes() == b"synced+unsynced", "reads see what is not durable yet"
+        # When the power is cut
+        lazy.power_cut()
+        # Then only the synced bytes are there
+        assert path.read_bytes() == b"synced"
+
+    @pytest.mark.parametrize("flag", ["O_SYNC", "O_DSYNC"], ids=str)
+    def test_a_write_through_a_sync_descriptor_survives_a_cut(self, lazy: LazyMount, flag: str) -> None:
+        """A write through an O_SYNC/O_DSYNC descriptor is durable when it returns; a plain one is not."""
+        # Given a durable file, one append through a sync descriptor, then one through a plain one
+        path = durable_file(lazy, "log", b"head;")
+        append(path, b"synced;", getattr(os, flag))
+        append(path, b"unsynced;")
+        # When the power is cut
+        lazy.power_cut()
+        # Then the sync descriptor's write is there and the plain one's is not
+        assert path.read_bytes() == b"head;synced;"
+
+    def test_an_unsynced_write_is_dropped_whole(self, lazy: LazyMount) -> None:
+        """A file whose new bytes were never synced goes back to its last durable content."""
+        path = durable_file(lazy, "data", b"durable")
+        write_file(path, b"x" * 10_000)
+        lazy.power_cut()
+        assert path.read_bytes() == b"durable"
+
+    def test_ftruncate_is_a_write_that_needs_a_sync(self, lazy: LazyMount) -> None:
+        """A shrink without a sync is undone by a cut; a synced shrink stays."""
+        path = durable_file(lazy, "data", b"0123456789")
+        os.truncate(path, 4)
+        lazy.power_cut()
+        assert path.read_bytes() == b"0123456789"
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 4)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        lazy.power_cut()
+        assert path.read_bytes() == b"0123"
+
+
+class TestNames:
+    """Creations, renames, unlinks and mkdirs become durable only with their directory's fsync."""
+
+    def test_a_created_and_fsynced_file_is_lost_without_a_directory_fsync(self, lazy: LazyMount) -> None:
+        """fsync of a new file makes its bytes durable, not its name: without the directory's fsync it is gone."""
+        write_file(lazy.mountpoint / "new", b"bytes", sync="fsync")
+        lazy.power_cut()
+        assert not (lazy.mountpoint / "new").exists()
+
+    def test_a_created_file_survives_once_its_directory_is_fsynced(self, lazy: LazyMount) -> None:
+        """fsync of the file, then of its directory: both name and bytes survive a cut."""
+        write_file(lazy.mountpoint / "new", b"bytes", sync="fsync")
+        fsync_directory(lazy.mountpoint)
+        lazy.power_cut()
+        assert (lazy.mountpoint / "new").read_bytes() == b"bytes"
+
+    def test_a_rename_survives_only_with_a_directory_fsync(self, lazy: LazyMount) -> None:
+        """Write-fsync-rename publishes a file durably only once the directory is fsynced."""
+        # Given two files made durable under temporary names, each renamed over a durable target
+        durable_file(lazy, "a", b"old a")
+        durable_file(lazy, "b", b"old b")
+        for name in ("a", "b"):
+            write_file(lazy.mountpoint / f"{name}.tmp", b"new " + name.encode(), sync="fsync")
+            os.rename(lazy.mountpoint / f"{name}.tmp", lazy.mountpoint / name)
+            if name == "a":
+                fsync_directory(lazy.mountpoint)
+        # When the power is cut
+        lazy.power_cut()
+        # Then the synced rename holds, and the other directory still has its old file
+        assert (lazy.mountpoint / "a").read_bytes() == b"new a"
+        assert (lazy.mountpoint / "b").read_bytes() == b"old b"
+        assert not (lazy.mountpoint / "b.tmp").exists(), "the temporary name was never durable"
+
+    def test_an_unlink_is_undone_without_a_directory_fsync(self, lazy: LazyMount) -> None:
+        """A removed file comes back after a cut unless its directory was fsynced after the unlink."""
+        kept = durable_file(lazy, "kept", b"k")
+        gone = durable_file(lazy, "gone", b"g")
+        kept.unlink()
+        lazy.power_cut()
+        assert kept.read_bytes() == b"k"
+        gone.unlink()
+        fsync_directory(lazy.mountpoint)
+        lazy.power_cut()
+        assert not gone.exists()
+
+    def test_a_new_directory_needs_its_parent_fsynced(self, lazy: LazyMount) -> None:
+        """A directory made durable inside is still lost when its parent was not fsynced after mkdir."""
+        for sync_parent in (False, True):
+            directory = lazy.mountpoint / "dir"
+            directory.mkdir()
+            write_file(directory / "f", b"bytes", sync="fsync")
+            fsync_directory(directory)
+            if sync_parent:
+                fsync_directory(lazy.mountpoint)
+            lazy.power_cut()
+            if sync_parent:
+                assert (directory / "f").read_bytes() == b"bytes"
+            else:
+                assert not directory.exists()
+
+
+class TestWhatTheServiceUses:
+    """SQLite in WAL mode and mmap-shared state files work on the mount and keep what they synced."""
+
+    def test_sqlite_wal_full_commits_survive_a_cut(self, lazy: LazyMount) -> None:
+        """journal_mode=WAL with synchronous=FULL (its -shm mmap'ed on the mount): every committed row survives."""
+        db = lazy.mountpoint / "t.db"
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            assert conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("CREATE TABLE t (n INTEGER)")
+            for n in range(200):
+                conn.execute("INSERT INTO t VALUES (?)", (n,))
+        lazy.power_cut()
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            assert [n for (n,) in conn.execute("SELECT n FROM t ORDER BY n")] == list(range(200))
+
+    def test_shared_state_maps_work_on_the_mount(self, lazy: LazyMount) -> None:
+        """_shared_map's mmap + flock files (rate-limit buckets, resend hint) read back what was written."""
+        path = lazy.mountpoint / "bucket"
+        fd, mapped = open_shared_map(path, 64)
+        try:
+            with locked(fd):
+                mapped[:8] = b"ABCDEFGH"
+            mapped.flush()
+            other_fd, other = open_shared_map(path, 64)
+            try:
+                assert other[:8] == b"ABCDEFGH"
+            finally:
+                other.close()
+                os.close(other_fd)
+        finally:
+            mapped.close()
+            os.close(fd)
+        assert path.read_bytes()[:8] == b"ABCDEFGH"
