@@ -20,9 +20,8 @@ from typing import TypeVar, cast
 
 import gevent.monkey
 
-from ._io_thread import IoThread
-
 from ._files import make_dirs_durable
+from ._io_thread import IoThread
 
 T = TypeVar("T")
 _A = TypeVar("_A")
