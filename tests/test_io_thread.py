@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import gevent
 import gevent.event
@@ -125,3 +128,52 @@ def test_only_a_waiting_call_keeps_the_hub_loop_alive(io_thread: IoThread) -> No
 
     assert during == [True]
     assert io_thread._wake.ref is False
+
+
+def test_a_timed_out_caller_gets_timeout_and_the_next_call_its_own_answer(io_thread: IoThread) -> None:
+    """gevent.Timeout ends only the wait: the late answer goes nowhere, and the next call gets its own."""
+    release = threading.Event()
+
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.01):
+        io_thread.apply(lambda: release.wait(DEADLINE) and "late")
+    release.set()
+
+    assert io_thread.apply(lambda: "own") == "own"
+
+
+#: Run in a fresh interpreter: monkey-patching is for the whole process.
+_PATCHED_PROGRAM = """
+from gevent import monkey; monkey.patch_all()
+import threading, gevent
+from nexus_gevent._io_thread import IoThread
+real_event = monkey.get_original("threading", "Event")()
+thread = IoThread()
+ticks = []
+def tick():
+    while len(ticks) < 5:
+        ticks.append(1)
+        gevent.sleep(0.001)
+    real_event.set()
+ticker = gevent.spawn(tick)
+# A real (unpatched) blocking wait in the thread: the hub must keep ticking meanwhile.
+assert thread.apply(real_event.wait, ({deadline},)) is True
+native = thread.apply(threading.get_native_id)
+assert native != threading.get_native_id(), native
+print("ok", len(ticks))
+"""
+
+
+def test_under_monkey_patching_the_thread_is_a_real_os_thread() -> None:
+    """With gevent.monkey.patch_all(), a call that blocks for real in the thread leaves the hub running greenlets."""
+    program = _PATCHED_PROGRAM.format(deadline=DEADLINE)
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "5"]

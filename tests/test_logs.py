@@ -12,11 +12,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import falcon
+import falcon.testing
 import pytest
 import structlog
 from gunicorn.config import Config
 
 from nexus_gevent.errors import ConfigError
+from nexus_gevent.http.middleware import RequestContext
 from nexus_gevent.logs import (
     REDACTED,
     GunicornLogger,
@@ -320,3 +323,35 @@ class TestGunicornLogger:
         logger = GunicornLogger(Config())
 
         assert not logger.access_log_enabled
+
+
+class TestRequestContext:
+    """The request middleware: every request starts with a log context of its own."""
+
+    def test_a_value_bound_during_one_request_is_gone_in_the_next(self) -> None:
+        """A key a handler binds with structlog.contextvars does not reach the next request's lines (keep-alive)."""
+        stream = _configured()
+        app = falcon.App(middleware=[RequestContext(get_logger())])
+        app.add_route("/bind", _Binding())
+        client = falcon.testing.TestClient(app)
+
+        # Given one request that binds a key of its own (same greenlet, as on a keep-alive connection)
+        client.simulate_post("/bind")
+        # When the next request is served
+        client.simulate_get("/bind", headers={"X-Request-Id": "second"})
+
+        # Then its lines carry its own request id and none of the earlier request's keys
+        second = [line for line in _lines(stream) if line.get("request_id") == "second"]
+        assert [line["event"] for line in second] == ["handled", "request"]
+        assert all("tenant" not in line for line in second)
+
+
+class _Binding:
+    """Binds a key of its own on POST; logs one line on every request."""
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        structlog.contextvars.bind_contextvars(tenant="first")
+        get_logger().info("handled")
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        get_logger().info("handled")

@@ -44,6 +44,8 @@ pytestmark = pytest.mark.process
 
 #: Writes of the counting test, all of which fit in the default queue.
 WRITES = 200
+#: Worker recycles the recycled-counters test waits for.
+RECYCLED = 2
 #: Fresh-connection writes, at most, until both workers hold entries.
 MAX_FILL_WRITES = 200
 POISON = "poison-marker"
@@ -140,6 +142,40 @@ class TestMetrics:
             10,
             f"nexus_wal_append_latency_seconds_count == {WRITES}",
             describe=lambda: scrape(server.port),
+        )
+
+    def test_counters_keep_the_counts_of_workers_that_recycled(self, launch: Launcher) -> None:
+        """Workers recycled every 50 requests: /metrics counts every stored entry as accepted and as delivered."""
+        # Given two workers that restart themselves after 50 requests
+        server = launch(env={"NEXUS_MAX_REQUESTS": "50"})
+        server.wait_ready()
+        # When writes go on until at least two workers have recycled (their counts are in dead workers' files)
+        with Writers(server.port, threads=8) as writers:
+            writers.wait_acked(300)
+            wait_for(
+                lambda: len(server.events("drain_finished")) >= RECYCLED,
+                60,
+                f"{RECYCLED} recycled workers",
+                describe=server.log_tail,
+            )
+        wait_delivered(server.db_path, writers.ledger.snapshot_acked(), timeout=30)
+
+        # Then /metrics, summed over live and dead workers, counts every stored entry once as accepted, and as
+        # delivered (at least once: a redelivery after a restart is a second delivery of one row)
+        seen: list[tuple[float, float, int]] = []
+
+        def counted_as_stored() -> bool:
+            text = scrape(server.port)
+            accepted = metric_sum(text, "nexus_writes_accepted_total")
+            delivered = metric_sum(text, "nexus_delivered_entries_total")
+            seen.append((accepted, delivered, len(count_rows(server.db_path))))
+            return accepted == seen[-1][2] <= delivered
+
+        wait_for(
+            counted_as_stored,
+            30,
+            "accepted_total == rows stored <= delivered_entries_total",
+            describe=lambda: f"(accepted, delivered, rows): {seen[-1:]}",
         )
 
     def test_shed_counter_equals_the_429s_the_client_saw(self, launch: Launcher) -> None:

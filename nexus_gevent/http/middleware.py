@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import os
@@ -25,10 +26,11 @@ class RequestContext:
 
     The context is reset at the start of every request: one greenlet serves every
     request of a keep-alive connection, so values bound for one request would
-    otherwise leak into the next. The request id is the only value bound per request,
-    so its context variable is set (and unset when done) directly: structlog's
-    clear_contextvars() copies the whole context and walks it, twice a request.
-    A value bound per request anywhere else must be unset here too.
+    otherwise leak into the next. The request id is the only value the service binds
+    per request, so its context variable is set (and unset when done) directly:
+    structlog's clear_contextvars() copies the whole context and walks it, twice a
+    request. Only when the context holds anything else (a key bound by a handler or a
+    library) is it cleared the slow way, so no value outlives its request.
     """
 
     def __init__(self, logger: Logger) -> None:
@@ -53,6 +55,10 @@ class RequestContext:
         return f"{self._id_prefix}{next(self._id_counter):016x}"
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        # len() of a context is O(1): more than the request id's variable in it means an
+        # earlier request on this connection bound something else, which must not leak.
+        if len(contextvars.copy_context()) > 1:
+            structlog.contextvars.clear_contextvars()
         given = req.env.get("HTTP_X_REQUEST_ID")
         request_id = given if given and _REQUEST_ID.fullmatch(given) else self._next_id()
         req.context.request_id = request_id
