@@ -7,15 +7,17 @@ its own), closes everything, cuts the power, and reads what the remount shows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 from nexus_gevent._files import fsync_directory
 from nexus_gevent._shared_map import locked, open_shared_map
-from tests.support.lazyfs import LazyMount
+from tests.support.lazyfs import LazyMount, require_fuse
 
 pytestmark = pytest.mark.fuse
 
@@ -159,6 +161,51 @@ class TestNames:
                 assert (directory / "f").read_bytes() == b"bytes"
             else:
                 assert not directory.exists()
+
+
+class TestHolds:
+    """A held call ends with the cut, or by itself: a failed test never leaves a process stuck in the kernel."""
+
+    #: How long the test waits for the held fsync to end; the hold limit is one second.
+    JOIN_TIMEOUT = 60.0
+
+    def test_a_hold_that_no_cut_ends_cuts_the_power_after_the_hold_limit(self, tmp_path: Path) -> None:
+        """A held fsync with neither cut nor resume fails with EIO after --hold-limit, and only synced bytes remain."""
+        require_fuse()
+        lazy = LazyMount(tmp_path, hold_limit=1.0)
+        lazy.start()
+        try:
+            # Given a durable file appended to, and its next fsync held with no cut to follow
+            path = durable_file(lazy, "f", b"durable")
+            append(path, b"+unsynced")
+            lazy.pause_fsync("f", "before")
+            outcome: list[BaseException | None] = []
+
+            def held_fsync() -> None:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.fsync(fd)
+                    outcome.append(None)
+                except OSError as exc:
+                    outcome.append(exc)
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+            thread = threading.Thread(target=held_fsync, daemon=True)
+            # When nobody ends the hold
+            thread.start()
+            thread.join(self.JOIN_TIMEOUT)
+            # Then the fsync failed as at a power cut, and the mount keeps only what was synced
+            assert not thread.is_alive(), "the held fsync never ended"
+            [error] = outcome
+            assert isinstance(error, OSError), "the held fsync succeeded"
+            assert error.errno == errno.EIO
+            assert "dead=1" in lazy.command("stats")
+            lazy.remount()
+            assert path.read_bytes() == b"durable"
+        finally:
+            lazy.stop()
 
 
 class TestWhatTheServiceUses:

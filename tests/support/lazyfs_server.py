@@ -20,7 +20,8 @@ durably named lives at STORE/d<ino>.
 The control socket takes one command a connection ("ping", "cut", "hold fsync SUFFIX
 before|after", "hold write SUFFIX torn", "paused", "resume", "stats"). A hold stops the
 next fsync (before or after it is made durable) or write (after half of it reached the
-disk) of a file whose name ends with SUFFIX, until the cut. "cut" is the power cut: everything not
+disk) of a file whose name ends with SUFFIX, until the cut (or, after --hold-limit seconds
+with neither cut nor resume, it cuts the power itself). "cut" is the power cut: everything not
 durable is forgotten at once and every later operation fails with EIO; the caller
 unmounts, which ends this process, and starts a new one on BACKING, which holds what a
 real power cut would have left. See tests/support/lazyfs.py for the client.
@@ -48,6 +49,9 @@ import mfusepy
 PAGE = 4096
 #: Flags of an open that makes each write durable before it returns (O_SYNC contains O_DSYNC on Linux).
 SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
+#: A hold that no cut or resume ends (its test failed first) cuts the power itself after this
+#: long: a process inside the held call cannot even be killed until the file system answers.
+HOLD_LIMIT_SECONDS = 300.0
 
 T = TypeVar("T")
 
@@ -183,9 +187,10 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
     flag_nopath = True
     flag_nullpath_ok = True
 
-    def __init__(self, backing: Path, store: Path) -> None:
+    def __init__(self, backing: Path, store: Path, *, hold_limit: float = HOLD_LIMIT_SECONDS) -> None:
         self.backing = backing
         self.store = store
+        self.hold_limit = hold_limit
         self._mutex = threading.RLock()
         self.dead = False
         self._inos = iter(range(2, 1 << 62))
@@ -606,7 +611,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         if self._held(fh, "fsync", "before"):
-            self.release_paused.wait()
+            self._wait_held()
 
         def op() -> int:
             self._file(path, fh).sync()
@@ -615,7 +620,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
 
         result = self._live(op)
         if self._held(fh, "fsync", "after"):
-            self.release_paused.wait()
+            self._wait_held()
         return result
 
     # -- the power cut, and holding one fsync ------------------------------------------------
@@ -646,8 +651,14 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             node = self._file(None, fh)
             node.write(data[: max(1, len(data) // 2)], offset)
             node.sync()
-        self.release_paused.wait()
+        self._wait_held()
         raise PowerCut
+
+    def _wait_held(self) -> None:
+        """Hold the calling operation until the cut or a resume, or cut the power after `hold_limit`."""
+        if not self.release_paused.wait(self.hold_limit):
+            logging.getLogger(__name__).error("a hold lasted %.0f s with no cut or resume: cutting", self.hold_limit)
+            self.cut()
 
     def command(self, line: str) -> str:
         """Run one control command; "ok ..." or "error ..."."""
@@ -714,11 +725,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument("--control", type=Path, required=True)
     parser.add_argument("--store", type=Path, default=None, help="default: BACKING.store beside BACKING")
+    parser.add_argument(
+        "--hold-limit", type=float, default=HOLD_LIMIT_SECONDS, help="seconds before a held call cuts the power"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     backing = args.backing.resolve()
     store = args.store.resolve() if args.store else backing.with_name(backing.name + ".store")
-    fs = LazyFS(backing, store)
+    fs = LazyFS(backing, store, hold_limit=args.hold_limit)
     serve_control(fs, args.control)
     # hard_remove: an unlinked open file is really unlinked here, not renamed to .fuse_hidden*,
     # which would be a namespace change of libfuse's own. direct_io stays off, so mmap works.
