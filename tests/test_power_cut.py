@@ -270,6 +270,8 @@ class PowerCutRun:
     damaged_runs: int = 0
     admin_token: str | None = None
     cuts: Counter[str] = field(default_factory=Counter)
+    #: Keys already resent after a cut; older ones are checked again by sample.
+    keys_checked: dict[str, tuple[bytes, tuple[str, ...]]] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -289,10 +291,16 @@ class PowerCutRun:
         assert token == self.admin_token, "the generated admin token changed across a power cut"
         return server
 
-    def kill_and_cut(self, server: Gunicorn) -> None:
-        """kill -9 the master and every worker, then cut the power."""
-        server.kill9_all()
-        self.lazy.power_cut()
+    def check_keys(self, server: Gunicorn, when: str, rng: random.Random | None = None) -> None:
+        """Every key not checked yet, and (given `rng`) a sample of older ones, is a duplicate of the same ids."""
+        fresh = {k: v for k, v in self.keys.snapshot().items() if k not in self.keys_checked}
+        old = {}
+        if rng is not None:
+            checked = self.keys_checked
+            old = dict(rng.sample(sorted(checked.items()), min(OLD_KEYS_CHECKED, len(checked))))
+        problems = duplicate_problems(server.port, {**fresh, **old})
+        assert problems == [], f"{when}: {problems[:10]}\n{server.log_tail()}"
+        self.keys_checked.update(fresh)
 
     def summary(self, cycles: int, db_path: Path) -> str:
         counts = count_rows(db_path)
@@ -301,7 +309,7 @@ class PowerCutRun:
         return (
             f"POWER-CUT: cycles={cycles} seed={SEED} acknowledged={len(self.ledger.acked)} "
             f"stored_rows={sum(counts.values())} missing={missing} duplicates={duplicates} "
-            f"keys_checked={len(self.keys.answered)} starts={self.starts} damaged_starts={self.damaged_starts} "
+            f"keys_checked={len(self.keys_checked)} starts={self.starts} damaged_starts={self.damaged_starts} "
             f"damaged_runs={self.damaged_runs} lost_responses={len(self.ledger.lost)} "
             f"cuts={dict(sorted(self.cuts.items()))} "
             f"outcomes={dict(sorted(self.ledger.outcomes.items()))}"
@@ -324,8 +332,10 @@ def run(tmp_path: Path) -> Iterator[PowerCutRun]:
 
 
 def finish(run: PowerCutRun, cycles: int, capsys: pytest.CaptureFixture[str]) -> Gunicorn:
-    """One last start delivers every ack; then each is stored exactly once, and nothing else is."""
+    """One last start delivers every ack, each stored exactly once and nothing else; every key is a duplicate."""
     final = run.start()
+    # Keys answered before the last cut were not resent yet.
+    run.check_keys(final, "after the last cut")
     db_path = final.db_path
     wait_delivered(db_path, run.ledger.snapshot_acked(), timeout=FINAL_DELIVERY_TIMEOUT)
     code, _ = final.stop(signal.SIGTERM)
@@ -347,7 +357,6 @@ class TestPowerCutLoop:
     ) -> None:
         """kill -9 of every process plus a power cut, again and again: every ack is stored once, every key kept."""
         rng = random.Random(SEED)
-        checked: dict[str, tuple[bytes, tuple[str, ...]]] = {}
         deadline = time.monotonic() + CYCLE_SECONDS if CYCLE_SECONDS > 0 else None
         cycles = 0
         for cycle in range(CYCLES):
@@ -357,12 +366,7 @@ class TestPowerCutLoop:
             # Given the service started on what the last cut left
             server = run.start()
             # Then every key answered before the cut is still a duplicate of the same ids
-            answered = run.keys.snapshot()
-            fresh = {k: v for k, v in answered.items() if k not in checked}
-            old = dict(rng.sample(sorted(checked.items()), min(OLD_KEYS_CHECKED, len(checked))))
-            problems = duplicate_problems(server.port, {**fresh, **old})
-            assert problems == [], f"cycle {cycle}: {problems[:10]}\n{server.log_tail()}"
-            checked.update(fresh)
+            run.check_keys(server, f"cycle {cycle}", rng)
             # When writes flow and, at a random moment, every process dies and the power is cut
             writers = MixedWriters(
                 server.port, run.ledger, run.keys, first=(cycle + 1) * MARKERS_PER_CYCLE, seed=SEED + cycle
