@@ -86,6 +86,20 @@ class TestFileData:
         lazy.power_cut()
         assert path.read_bytes() == b"durable"
 
+    def test_o_trunc_empties_a_file_and_needs_a_sync(self, lazy: LazyMount) -> None:
+        """Opening with O_TRUNC empties the file; a cut undoes it unless it was synced."""
+        # Given a durable file rewritten shorter through O_TRUNC without a sync
+        path = durable_file(lazy, "data", b"0123456789")
+        write_file(path, b"x")
+        assert path.read_bytes() == b"x", "O_TRUNC did not empty the file"
+        # When the power is cut, then the old content is back
+        lazy.power_cut()
+        assert path.read_bytes() == b"0123456789"
+        # And a synced rewrite through O_TRUNC stays short after the next cut
+        write_file(path, b"x", sync="fsync")
+        lazy.power_cut()
+        assert path.read_bytes() == b"x"
+
     def test_ftruncate_is_a_write_that_needs_a_sync(self, lazy: LazyMount) -> None:
         """A shrink without a sync is undone by a cut; a synced shrink stays."""
         path = durable_file(lazy, "data", b"0123456789")

@@ -449,7 +449,14 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             node = self._resolve(path)
             if not isinstance(node, FileNode):
                 raise OSError(errno.EISDIR, path)
-            return self._open_handle(node, flags, path)
+            fh = self._open_handle(node, flags, path)
+            if flags & os.O_TRUNC:
+                # libfuse3 turns on atomic_o_trunc: the kernel sends O_TRUNC with the open
+                # and no truncate of its own, so the file system must empty the file here.
+                node.truncate(0)
+                if self._handles[fh].sync:
+                    node.sync()
+            return fh
 
         return self._live(op)
 
