@@ -357,6 +357,9 @@ class TestPowerCutLoop:
     ) -> None:
         """kill -9 of every process plus a power cut, again and again: every ack is stored once, every key kept."""
         rng = random.Random(SEED)
+        # Its own generator: how many keys the sample draws from depends on timing, and must
+        # not shift the seed's choice of each cut.
+        sample_rng = random.Random(SEED + 1)
         deadline = time.monotonic() + CYCLE_SECONDS if CYCLE_SECONDS > 0 else None
         cycles = 0
         for cycle in range(CYCLES):
@@ -366,7 +369,7 @@ class TestPowerCutLoop:
             # Given the service started on what the last cut left
             server = run.start()
             # Then every key answered before the cut is still a duplicate of the same ids
-            run.check_keys(server, f"cycle {cycle}", rng)
+            run.check_keys(server, f"cycle {cycle}", sample_rng)
             # When writes flow and, at a random moment, every process dies and the power is cut
             writers = MixedWriters(
                 server.port, run.ledger, run.keys, first=(cycle + 1) * MARKERS_PER_CYCLE, seed=SEED + cycle
