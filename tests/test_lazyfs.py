@@ -18,6 +18,7 @@ import pytest
 from nexus_gevent._files import fsync_directory
 from nexus_gevent._shared_map import locked, open_shared_map
 from tests.support.lazyfs import LazyMount, require_fuse
+from tests.support.proc import wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -220,6 +221,34 @@ class TestHolds:
             assert path.read_bytes() == b"durable"
         finally:
             lazy.stop()
+
+
+    def test_a_torn_write_keeps_all_but_its_last_byte(self, lazy: LazyMount) -> None:
+        """A write torn by the cut is durable short of its last byte, so its last record is never whole."""
+        # Given a durable file whose next write is torn
+        path = durable_file(lazy, "log", b"head;")
+        lazy.tear_write("/log")
+        outcome: list[BaseException | None] = []
+
+        def torn_append() -> None:
+            try:
+                append(path, b"0123456789")
+                outcome.append(None)
+            except OSError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=torn_append, daemon=True)
+        thread.start()
+        wait_for(lambda: lazy.paused() > 0, self.JOIN_TIMEOUT, "the write to be torn")
+        # When the power is cut during it
+        lazy.cut()
+        thread.join(self.JOIN_TIMEOUT)
+        # Then the write failed, and all of it but the last byte is on the disk
+        assert not thread.is_alive(), "the torn write never ended"
+        [error] = outcome
+        assert isinstance(error, OSError), "the torn write succeeded"
+        lazy.remount()
+        assert path.read_bytes() == b"head;012345678"
 
 
 class TestWhatTheServiceUses:

@@ -7,7 +7,7 @@ name whose directory was not fsynced, in memory only. Each cycle starts gunicorn
 workers), writes from several threads (single entries, batches, some with an
 Idempotency-Key), kills -9 every process at a random moment and then cuts the power:
 the file system forgets all that was not durable. In some cycles the cut comes while
-the file system holds a WAL write half done (a torn tail) or a destination commit's
+the file system holds a WAL write torn short (a torn tail) or a destination commit's
 fsync (before or after it is durable). The next start runs on what remains.
 
 Checked, row by row, after the last cycle: every acknowledged payload_id (202, durable
@@ -75,8 +75,8 @@ WRITER_THREADS = 4
 MARKERS_PER_CYCLE = 1_000_000
 #: A batch holds this many entries at most.
 MAX_BATCH = 5
-#: When each cycle's cut comes: at once, or while the file system holds a WAL write half
-#: done (a torn tail), or a destination commit's fsync before or after it is durable.
+#: When each cycle's cut comes: at once, or while the file system holds a WAL write torn
+#: short (a torn tail), or a destination commit's fsync before or after it is durable.
 CUTS = ("now", "now", "torn-wal-write", "commit-before", "commit-after")
 #: Keys answered before older cuts are re-checked by sample; those of the last cycle all.
 OLD_KEYS_CHECKED = 20
@@ -437,7 +437,7 @@ class TestTornWalWrite:
     def test_a_cut_in_the_middle_of_a_wal_write_is_skipped_and_counted_at_the_next_start(
         self, run: PowerCutRun, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """Half a WAL batch reaches the disk before the cut: the next start logs and counts it, stores every ack."""
+        """A WAL batch short of its last byte is on disk at the cut: the next start counts it, stores every ack."""
         # Given writes flowing
         server = run.start()
         writers = MixedWriters(server.port, run.ledger, run.keys, first=MARKERS_PER_CYCLE, seed=SEED)

@@ -120,7 +120,7 @@ class LazyMount:
         self.command(f"hold fsync /{name} {when}")
 
     def tear_write(self, suffix: str) -> None:
-        """The next write to a file named `...suffix` gets half its bytes durable, then hangs until the cut."""
+        """The next write to a file named `...suffix` makes all but its last byte durable, then hangs to the cut."""
         self.command(f"hold write {suffix} torn")
 
     def paused(self) -> int:

@@ -19,7 +19,7 @@ durably named lives at STORE/d<ino>.
 
 The control socket takes one command a connection ("ping", "cut", "hold fsync SUFFIX
 before|after", "hold write SUFFIX torn", "paused", "resume", "stats"). A hold stops the
-next fsync (before or after it is made durable) or write (after half of it reached the
+next fsync (before or after it is made durable) or write (with all but its last byte on the
 disk) of a file whose name ends with SUFFIX, until the cut (or, after --hold-limit seconds
 with neither cut nor resume, it cuts the power itself). "cut" is the power cut: everything not
 durable is forgotten at once and every later operation fails with EIO; the caller
@@ -547,10 +547,14 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             return True
 
     def _tear(self, fh: int, data: bytes, offset: int) -> None:
-        """The power fails mid-write: its first half reaches the disk, and the write never returns."""
+        """The power fails mid-write: all of it but its last byte reaches the disk, and the write never returns.
+
+        Not half: a batch of two records of one size splits at their boundary, and then
+        nothing is torn. Short of the last byte, the last record always is.
+        """
         with self._mutex:
             node = self._file(None, fh)
-            node.write(data[: max(1, len(data) // 2)], offset)
+            node.write(data[: max(1, len(data) - 1)], offset)
             node.sync()
         self._wait_held()
         raise PowerCut
