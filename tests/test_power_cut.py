@@ -251,7 +251,9 @@ def kill_all_during_a_hold(server: Gunicorn, lazy: LazyMount) -> None:
     """
     doomed = [server.pid, *server.worker_pids()]
     for pid in doomed:
-        os.kill(pid, signal.SIGKILL)
+        # A worker may have exited since it was listed: it is as dead as the cut wants it.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     lazy.cut()
     server.proc.wait(30)
     wait_for(lambda: not any(is_alive(pid) for pid in doomed), 30, "killed workers to disappear")
