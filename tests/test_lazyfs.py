@@ -222,7 +222,6 @@ class TestHolds:
         finally:
             lazy.stop()
 
-
     def test_a_torn_write_keeps_all_but_its_last_byte(self, lazy: LazyMount) -> None:
         """A write torn by the cut is durable short of its last byte, so its last record is never whole."""
         # Given a durable file whose next write is torn

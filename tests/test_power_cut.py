@@ -413,9 +413,7 @@ class TestOrderOfDurability:
         try:
             writers.wait_acked(ROWS_BEFORE_HOLD)
             # Enough commits that earlier ones have their marks written: the check must see some.
-            wait_for(
-                lambda: len(count_rows(server.db_path)) >= ROWS_BEFORE_HOLD, ACK_TIMEOUT, "rows delivered"
-            )
+            wait_for(lambda: len(count_rows(server.db_path)) >= ROWS_BEFORE_HOLD, ACK_TIMEOUT, "rows delivered")
             # When the next destination commit's fsync is held, and everything dies while it is
             run.lazy.pause_fsync("nexus.db-wal", when)
             wait_for(lambda: run.lazy.paused() > 0, ACK_TIMEOUT, f"a destination fsync held {when} it is durable")
