@@ -7,15 +7,18 @@ its own), closes everything, cuts the power, and reads what the remount shows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 from nexus_gevent._files import fsync_directory
 from nexus_gevent._shared_map import locked, open_shared_map
-from tests.support.lazyfs import LazyMount
+from tests.support.lazyfs import LazyMount, require_fuse
+from tests.support.proc import wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -83,6 +86,20 @@ class TestFileData:
         write_file(path, b"x" * 10_000)
         lazy.power_cut()
         assert path.read_bytes() == b"durable"
+
+    def test_o_trunc_empties_a_file_and_needs_a_sync(self, lazy: LazyMount) -> None:
+        """Opening with O_TRUNC empties the file; a cut undoes it unless it was synced."""
+        # Given a durable file rewritten shorter through O_TRUNC without a sync
+        path = durable_file(lazy, "data", b"0123456789")
+        write_file(path, b"x")
+        assert path.read_bytes() == b"x", "O_TRUNC did not empty the file"
+        # When the power is cut, then the old content is back
+        lazy.power_cut()
+        assert path.read_bytes() == b"0123456789"
+        # And a synced rewrite through O_TRUNC stays short after the next cut
+        write_file(path, b"x", sync="fsync")
+        lazy.power_cut()
+        assert path.read_bytes() == b"x"
 
     def test_ftruncate_is_a_write_that_needs_a_sync(self, lazy: LazyMount) -> None:
         """A shrink without a sync is undone by a cut; a synced shrink stays."""
@@ -159,6 +176,78 @@ class TestNames:
                 assert (directory / "f").read_bytes() == b"bytes"
             else:
                 assert not directory.exists()
+
+
+class TestHolds:
+    """A held call ends with the cut, or by itself: a failed test never leaves a process stuck in the kernel."""
+
+    #: How long the test waits for the held fsync to end; the hold limit is one second.
+    JOIN_TIMEOUT = 60.0
+
+    def test_a_hold_that_no_cut_ends_cuts_the_power_after_the_hold_limit(self, tmp_path: Path) -> None:
+        """A held fsync with neither cut nor resume fails with EIO after --hold-limit, and only synced bytes remain."""
+        require_fuse()
+        lazy = LazyMount(tmp_path, hold_limit=1.0)
+        lazy.start()
+        try:
+            # Given a durable file appended to, and its next fsync held with no cut to follow
+            path = durable_file(lazy, "f", b"durable")
+            append(path, b"+unsynced")
+            lazy.pause_fsync("f", "before")
+            outcome: list[BaseException | None] = []
+
+            def held_fsync() -> None:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.fsync(fd)
+                    outcome.append(None)
+                except OSError as exc:
+                    outcome.append(exc)
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+            thread = threading.Thread(target=held_fsync, daemon=True)
+            # When nobody ends the hold
+            thread.start()
+            thread.join(self.JOIN_TIMEOUT)
+            # Then the fsync failed as at a power cut, and the mount keeps only what was synced
+            assert not thread.is_alive(), "the held fsync never ended"
+            [error] = outcome
+            assert isinstance(error, OSError), "the held fsync succeeded"
+            assert error.errno == errno.EIO
+            assert "dead=1" in lazy.command("stats")
+            lazy.remount()
+            assert path.read_bytes() == b"durable"
+        finally:
+            lazy.stop()
+
+    def test_a_torn_write_keeps_all_but_its_last_byte(self, lazy: LazyMount) -> None:
+        """A write torn by the cut is durable short of its last byte, so its last record is never whole."""
+        # Given a durable file whose next write is torn
+        path = durable_file(lazy, "log", b"head;")
+        lazy.tear_write("/log")
+        outcome: list[BaseException | None] = []
+
+        def torn_append() -> None:
+            try:
+                append(path, b"0123456789")
+                outcome.append(None)
+            except OSError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=torn_append, daemon=True)
+        thread.start()
+        wait_for(lambda: lazy.paused() > 0, self.JOIN_TIMEOUT, "the write to be torn")
+        # When the power is cut during it
+        lazy.cut()
+        thread.join(self.JOIN_TIMEOUT)
+        # Then the write failed, and all of it but the last byte is on the disk
+        assert not thread.is_alive(), "the torn write never ended"
+        [error] = outcome
+        assert isinstance(error, OSError), "the torn write succeeded"
+        lazy.remount()
+        assert path.read_bytes() == b"head;012345678"
 
 
 class TestWhatTheServiceUses:

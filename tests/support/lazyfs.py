@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from tests.support.proc import ROOT, wait_for
-from tests.support.services import skip_or_fail, start_in_session
+from tests.support.services import kill_session, skip_or_fail, start_in_session
 
 #: Mounting takes a Python start and a scan of the backing directory; generous for a loaded CI box.
 MOUNT_TIMEOUT = 60.0
@@ -42,8 +42,10 @@ def require_fuse() -> None:
 class LazyMount:
     """One lazy file system: `backing` holds the durable state, `mountpoint` is what programs use."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, hold_limit: float | None = None) -> None:
         self.base = base
+        #: Seconds a held call waits for the cut before the file system cuts itself (None: its default).
+        self.hold_limit = hold_limit
         self.backing = base / "durable"
         self.mountpoint = base / "mnt"
         self.control = base / "control.sock"
@@ -57,16 +59,22 @@ class LazyMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.control.unlink(missing_ok=True)
         command = [sys.executable, "-m", "tests.support.lazyfs_server", str(self.backing), str(self.mountpoint)]
-        self.proc = start_in_session(
-            [*command, "--control", str(self.control)], cwd=ROOT, log_path=self.log_path
-        )
+        command += ["--control", str(self.control)]
+        if self.hold_limit is not None:
+            command += ["--hold-limit", str(self.hold_limit)]
+        self.proc = start_in_session(command, cwd=ROOT, log_path=self.log_path)
 
         def mounted() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"lazyfs exited with {self.proc.returncode}\n{self.log_tail()}")
             return os.path.ismount(self.mountpoint) and self.control.exists()
 
-        wait_for(mounted, MOUNT_TIMEOUT, "the lazy file system to mount", describe=self.log_tail)
+        try:
+            wait_for(mounted, MOUNT_TIMEOUT, "the lazy file system to mount", describe=self.log_tail)
+        except BaseException:
+            # No fixture teardown runs for a setup that failed: leave no process and no mount behind.
+            self._abandon()
+            raise
 
     def command(self, line: str) -> str:
         """Send one control command; its answer without the leading "ok"."""
@@ -112,7 +120,7 @@ class LazyMount:
         self.command(f"hold fsync /{name} {when}")
 
     def tear_write(self, suffix: str) -> None:
-        """The next write to a file named `...suffix` gets half its bytes durable, then hangs until the cut."""
+        """The next write to a file named `...suffix` makes all but its last byte durable, then hangs to the cut."""
         self.command(f"hold write {suffix} torn")
 
     def paused(self) -> int:
@@ -120,10 +128,21 @@ class LazyMount:
 
     def stop(self) -> None:
         """Unmount without a cut (what is not durable is gone all the same: it was only in memory)."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             with contextlib.suppress(OSError, AssertionError):
                 self.command("cut")
             self._unmount()
+        else:
+            # It died on its own: its mount is left "not connected" until detached.
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Detach the mount (lazily: a user may still hold it) and kill the file system's process."""
+        assert self.proc is not None
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
+        kill_session(self.proc, UNMOUNT_TIMEOUT)
 
     def _unmount(self) -> None:
         assert self.proc is not None
@@ -141,9 +160,7 @@ class LazyMount:
         except AssertionError:
             users = self.users()
             # Detach the mount so the next start can mount again, and say who held it.
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False)
-            self.proc.kill()
-            self.proc.wait(10)
+            self._abandon()
             raise AssertionError(f"unmount failed, still in use by {users}: {errors[-1]}") from None
         try:
             self.proc.wait(MOUNT_TIMEOUT)

@@ -19,11 +19,13 @@ durably named lives at STORE/d<ino>.
 
 The control socket takes one command a connection ("ping", "cut", "hold fsync SUFFIX
 before|after", "hold write SUFFIX torn", "paused", "resume", "stats"). A hold stops the
-next fsync (before or after it is made durable) or write (after half of it reached the
-disk) of a file whose name ends with SUFFIX, until the cut. "cut" is the power cut: everything not
+next fsync (before or after it is made durable) or write (with all but its last byte on the
+disk) of a file whose name ends with SUFFIX, until the cut (or, after --hold-limit seconds
+with neither cut nor resume, it cuts the power itself). "cut" is the power cut: everything not
 durable is forgotten at once and every later operation fails with EIO; the caller
 unmounts, which ends this process, and starts a new one on BACKING, which holds what a
-real power cut would have left. See tests/support/lazyfs.py for the client.
+real power cut would have left. See tests/support/lazyfs.py for the client, and
+tests/support/lazyfs_nodes.py for the inodes in memory.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import shutil
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,118 +45,15 @@ from typing import Any, TypeVar
 
 import mfusepy
 
-#: The unit of the cache; a write of part of a page reads the rest from the durable file first.
-PAGE = 4096
+from tests.support.lazyfs_nodes import PAGE, DirNode, FileNode, Node, now_ns
+
 #: Flags of an open that makes each write durable before it returns (O_SYNC contains O_DSYNC on Linux).
 SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
+#: A hold that no cut or resume ends (its test failed first) cuts the power itself after this
+#: long: a process inside the held call cannot even be killed until the file system answers.
+HOLD_LIMIT_SECONDS = 300.0
 
 T = TypeVar("T")
-
-
-def _now_ns() -> int:
-    return time.time_ns()
-
-
-class Node:
-    """An inode in memory: what readers see now, plus where its durable state lives."""
-
-    def __init__(self, ino: int, mode: int, uid: int, gid: int) -> None:
-        self.ino = ino
-        self.mode = mode
-        self.uid = uid
-        self.gid = gid
-        self.mtime = self.ctime = self.atime = _now_ns()
-        #: Names in memory that point here.
-        self.nlink = 0
-
-
-class FileNode(Node):
-    def __init__(self, ino: int, mode: int, uid: int, gid: int, *, fd: int, durable_size: int) -> None:
-        super().__init__(ino, mode, uid, gid)
-        #: The backing inode, opened through STORE/<ino>.
-        self.fd = fd
-        self.size = durable_size
-        self.durable_size = durable_size
-        #: Bytes of the backing file still valid; past it, a shrink since the last sync made them zeros.
-        self.durable_valid = durable_size
-        #: Pages written since the last sync: page number -> PAGE bytes (zeros past `size`).
-        self.pages: dict[int, bytearray] = {}
-        self.opens = 0
-        #: Durable names (entries in backing directories) that point here.
-        self.durable_links = 0
-
-    def durable_read(self, offset: int, length: int) -> bytes:
-        if offset >= self.durable_valid:
-            return bytes(length)
-        data = os.pread(self.fd, min(length, self.durable_valid - offset), offset)
-        return data + bytes(length - len(data))
-
-    def page(self, number: int) -> bytearray:
-        page = self.pages.get(number)
-        if page is None:
-            page = bytearray(self.durable_read(number * PAGE, PAGE))
-            self.pages[number] = page
-        return page
-
-    def read(self, offset: int, length: int) -> bytes:
-        end = min(offset + length, self.size)
-        out = bytearray()
-        pos = offset
-        while pos < end:
-            number, within = divmod(pos, PAGE)
-            n = min(PAGE - within, end - pos)
-            page = self.pages.get(number)
-            out += page[within : within + n] if page is not None else self.durable_read(pos, n)
-            pos += n
-        return bytes(out)
-
-    def write(self, data: bytes, offset: int) -> None:
-        pos, view = offset, memoryview(data)
-        while view:
-            number, within = divmod(pos, PAGE)
-            n = min(PAGE - within, len(view))
-            if within == 0 and n == PAGE:
-                self.pages[number] = bytearray(view[:n])
-            else:
-                self.page(number)[within : within + n] = view[:n]
-            pos += n
-            view = view[n:]
-        self.size = max(self.size, offset + len(data))
-        self.mtime = _now_ns()
-
-    def truncate(self, length: int) -> None:
-        if length < self.size:
-            for number in [p for p in self.pages if p * PAGE >= length]:
-                del self.pages[number]
-            number, within = divmod(length, PAGE)
-            if within:
-                page = self.page(number)
-                page[within:] = bytes(PAGE - within)
-            self.durable_valid = min(self.durable_valid, length)
-        self.size = length
-        self.mtime = _now_ns()
-
-    def sync(self) -> None:
-        """Make what readers see durable: the dirty pages, and the size."""
-        if self.durable_valid < self.durable_size:
-            os.ftruncate(self.fd, self.durable_valid)
-        for number, page in sorted(self.pages.items()):
-            start = number * PAGE
-            if start < self.size:
-                os.pwrite(self.fd, page[: self.size - start], start)
-        os.ftruncate(self.fd, self.size)
-        self.pages.clear()
-        self.durable_size = self.durable_valid = self.size
-
-
-class DirNode(Node):
-    def __init__(self, ino: int, mode: int, uid: int, gid: int) -> None:
-        super().__init__(ino, mode, uid, gid)
-        self.entries: dict[str, Node] = {}
-        #: Entries as the backing directory holds them.
-        self.durable: dict[str, Node] = {}
-        #: Where the backing directory is: (durable parent, name), or None for STORE/d<ino>.
-        self.durable_at: tuple[DirNode, str] | None = None
 
 
 @dataclass
@@ -183,9 +81,10 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
     flag_nopath = True
     flag_nullpath_ok = True
 
-    def __init__(self, backing: Path, store: Path) -> None:
+    def __init__(self, backing: Path, store: Path, *, hold_limit: float = HOLD_LIMIT_SECONDS) -> None:
         self.backing = backing
         self.store = store
+        self.hold_limit = hold_limit
         self._mutex = threading.RLock()
         self.dead = False
         self._inos = iter(range(2, 1 << 62))
@@ -304,7 +203,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         node = FileNode(ino, stat.S_IFREG | stat.S_IMODE(mode), uid, gid, fd=fd, durable_size=0)
         node.nlink = 1
         directory.entries[name] = node
-        directory.mtime = _now_ns()
+        directory.mtime = now_ns()
         return node, self._open_handle(node, 0, path)
 
     def _open_handle(self, node: Node, flags: int, path: str) -> int:
@@ -341,7 +240,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
         def op() -> int:
             node = self._resolve(path or "/")
             node.mode = (node.mode & ~0o7777) | (mode & 0o7777)
-            node.ctime = _now_ns()
+            node.ctime = now_ns()
             return 0
 
         return self._live(op)
@@ -358,7 +257,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
     def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
         def op() -> int:
             node = self._resolve(path or "/")
-            node.atime, node.mtime = times if times is not None else (_now_ns(), _now_ns())
+            node.atime, node.mtime = times if times is not None else (now_ns(), now_ns())
             return 0
 
         return self._live(op)
@@ -400,7 +299,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             node.nlink = 1
             os.mkdir(self.store / f"d{node.ino}", 0o700)
             directory.entries[name] = node
-            directory.mtime = _now_ns()
+            directory.mtime = now_ns()
             return 0
 
         return self._live(op)
@@ -431,7 +330,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
                 raise OSError(errno.EISDIR, path)
             del directory.entries[name]
             node.nlink -= 1
-            directory.mtime = _now_ns()
+            directory.mtime = now_ns()
             self._forget_if_unused(node)
             return 0
 
@@ -469,7 +368,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
                 replaced.nlink -= 1
             del src_dir.entries[src_name]
             dst_dir.entries[dst_name] = node
-            src_dir.mtime = dst_dir.mtime = _now_ns()
+            src_dir.mtime = dst_dir.mtime = now_ns()
             if replaced is not None:
                 self._forget_if_unused(replaced)
             return 0
@@ -550,7 +449,14 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             node = self._resolve(path)
             if not isinstance(node, FileNode):
                 raise OSError(errno.EISDIR, path)
-            return self._open_handle(node, flags, path)
+            fh = self._open_handle(node, flags, path)
+            if flags & os.O_TRUNC:
+                # libfuse3 turns on atomic_o_trunc: the kernel sends O_TRUNC with the open
+                # and no truncate of its own, so the file system must empty the file here.
+                node.truncate(0)
+                if self._handles[fh].sync:
+                    node.sync()
+            return fh
 
         return self._live(op)
 
@@ -606,7 +512,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         if self._held(fh, "fsync", "before"):
-            self.release_paused.wait()
+            self._wait_held()
 
         def op() -> int:
             self._file(path, fh).sync()
@@ -615,7 +521,7 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
 
         result = self._live(op)
         if self._held(fh, "fsync", "after"):
-            self.release_paused.wait()
+            self._wait_held()
         return result
 
     # -- the power cut, and holding one fsync ------------------------------------------------
@@ -641,13 +547,23 @@ class LazyFS(mfusepy.Operations):  # type: ignore[misc]
             return True
 
     def _tear(self, fh: int, data: bytes, offset: int) -> None:
-        """The power fails mid-write: its first half reaches the disk, and the write never returns."""
+        """The power fails mid-write: all of it but its last byte reaches the disk, and the write never returns.
+
+        Not half: a batch of two records of one size splits at their boundary, and then
+        nothing is torn. Short of the last byte, the last record always is.
+        """
         with self._mutex:
             node = self._file(None, fh)
-            node.write(data[: max(1, len(data) // 2)], offset)
+            node.write(data[: max(1, len(data) - 1)], offset)
             node.sync()
-        self.release_paused.wait()
+        self._wait_held()
         raise PowerCut
+
+    def _wait_held(self) -> None:
+        """Hold the calling operation until the cut or a resume, or cut the power after `hold_limit`."""
+        if not self.release_paused.wait(self.hold_limit):
+            logging.getLogger(__name__).error("a hold lasted %.0f s with no cut or resume: cutting", self.hold_limit)
+            self.cut()
 
     def command(self, line: str) -> str:
         """Run one control command; "ok ..." or "error ..."."""
@@ -714,11 +630,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint", type=Path)
     parser.add_argument("--control", type=Path, required=True)
     parser.add_argument("--store", type=Path, default=None, help="default: BACKING.store beside BACKING")
+    parser.add_argument(
+        "--hold-limit", type=float, default=HOLD_LIMIT_SECONDS, help="seconds before a held call cuts the power"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     backing = args.backing.resolve()
     store = args.store.resolve() if args.store else backing.with_name(backing.name + ".store")
-    fs = LazyFS(backing, store)
+    fs = LazyFS(backing, store, hold_limit=args.hold_limit)
     serve_control(fs, args.control)
     # hard_remove: an unlinked open file is really unlinked here, not renamed to .fuse_hidden*,
     # which would be a namespace change of libfuse's own. direct_io stays off, so mmap works.
