@@ -17,7 +17,8 @@ Each round, the order of its parts alternating from round to round:
   highest sustained load found is the figure, with its p99;
 - the same search for k = BATCH_ENTRIES against PostgreSQL (a private server from the
   installed binaries, fsync on, a fresh database each load; or --postgres-url);
-- the raw driver rates with the same rows: sqlite3's executemany of the destination's
+- the raw driver rates with the same rows (the service's own payload ids, made by
+  nexus_gevent.entry.new_payload_ids): sqlite3's executemany of the destination's
   own INSERT, TRANSACTION_ROWS rows a transaction, synchronous=FULL, WAL journal; and
   psycopg's executemany, TRANSACTION_ROWS rows a transaction, into the destination's own
   table on the same PostgreSQL server.
@@ -41,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +50,7 @@ from typing import Any
 
 from nexus_gevent.destinations._sql import format_timestamp
 from nexus_gevent.destinations.sqlite import _INSERT, MIGRATIONS
+from nexus_gevent.entry import new_payload_ids
 
 from .harness import ROOT, Server, cpu_seconds, gunicorn, log, parse_wrk, sqlite_rows
 from .write_path import INBOUND, SERVICE_APP, GaugeSampler, gauge_sum, wait_idle
@@ -249,7 +250,11 @@ def raw_sqlite(seconds: float, workdir: Path) -> dict[str, Any]:
         rows = 0
         started = time.monotonic()
         while time.monotonic() - started < seconds:
-            batch = [(uuid.uuid4().hex, "default", "default", None, None, now, payload, now) for payload in payloads]
+            ids = new_payload_ids(len(payloads))
+            batch = [
+                (pid, "default", "default", None, None, now, payload, now)
+                for pid, payload in zip(ids, payloads, strict=True)
+            ]
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_INSERT, batch)
             conn.execute("COMMIT")
@@ -280,7 +285,8 @@ def raw_pg(seconds: float, url: str) -> dict[str, Any]:
         started = time.monotonic()
         while time.monotonic() - started < seconds:
             now = datetime.now(UTC)
-            batch = [(uuid.uuid4().hex, "default", "default", None, None, now, p) for p in payloads]
+            ids = new_payload_ids(len(payloads))
+            batch = [(pid, "default", "default", None, None, now, p) for pid, p in zip(ids, payloads, strict=True)]
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(_PG_EXECUTEMANY.encode(), batch)
             rows += len(batch)
