@@ -715,6 +715,7 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
             written.append(path)
             if path.suffix == ".png":
                 plots.append(path)
+                note += " batch_sizes.png: the batch path's sustained rate and p99 by entries a request."
     results["plots"] = [p.name for p in plots]
     (out / "suite.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "suite.md").write_text(markdown(results, plots, note))
