@@ -386,8 +386,13 @@ def run(
     postgres: bool = True,
     postgres_url: str | None = None,
     workdir: Path,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
-    """Every round and the medians; what bench.suite stores under "batch_path"."""
+    """Every round and the medians; what bench.suite stores under "batch_path".
+
+    With `partial`, the rounds done so far are written there after each round, so a run
+    cut short (a private PostgreSQL that died, for one) keeps its finished rounds.
+    """
     pg = None
     if postgres:
         from .delivery import PgDatabases
@@ -395,10 +400,15 @@ def run(
         pg = PgDatabases(postgres_url, fsync=True)
     try:
         pg_settings = {"kind": pg.kind, **pg.settings()} if pg is not None else None
-        rows = [
-            run_round(n, sizes=sizes, seconds=seconds, connections=connections, probes=probes, workdir=workdir, pg=pg)
-            for n in range(1, rounds + 1)
-        ]
+        rows: list[dict[str, Any]] = []
+        for n in range(1, rounds + 1):
+            rows.append(
+                run_round(
+                    n, sizes=sizes, seconds=seconds, connections=connections, probes=probes, workdir=workdir, pg=pg
+                )
+            )
+            if partial is not None:
+                partial.write_text(json.dumps({"rounds": rows}, indent=2) + "\n")
     finally:
         if pg is not None:
             pg.close()
@@ -501,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "batch_path.json")
     args = parser.parse_args(argv)
     sizes = tuple(int(k) for k in args.sizes.split(","))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nexus-batch-") as tmp:
         results = run(
             args.rounds,
@@ -511,11 +522,13 @@ def main(argv: list[str] | None = None) -> None:
             postgres=not args.no_postgres,
             postgres_url=args.postgres_url,
             workdir=Path(tmp),
+            partial=args.out.with_suffix(".partial.json"),
         )
     results["command"] = "python -m bench.batch_path " + " ".join(argv if argv is not None else sys.argv[1:])
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     write_curve(results, args.out.parent)
     print(json.dumps(results["median"], indent=2))
 
