@@ -43,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +53,7 @@ import orjson
 from nexus_gevent.datadir import WAL_DIRNAME
 from nexus_gevent.destinations import sqlite as sqlite_dest
 from nexus_gevent.destinations._sql import format_timestamp
-from nexus_gevent.entry import Entry
+from nexus_gevent.entry import Entry, new_payload_id
 from nexus_gevent.logs import configure_logging, get_logger
 from nexus_gevent.wal import Wal, claim
 
@@ -80,7 +79,7 @@ def make_entries(n: int) -> list[Entry]:
     now = time.time()
     return [
         Entry(
-            payload_id=uuid.uuid4().hex,
+            payload_id=new_payload_id(),
             source=SOURCE,
             destination=DESTINATION,
             payload=orjson.dumps(

@@ -138,7 +138,10 @@ def run_round(round_no: int, *, seconds: float, connections: int, workdir: Path,
             if name == "otlp":
                 row[name] = load_otlp(server, body_file, seconds=seconds, connections=connections)
             else:
-                row[name] = batch_path.load(server, RECORDS_PER_REQUEST, seconds=seconds, connections=connections)
+                with batch_path.sqlite_target(Path(tmp) / "data") as target:
+                    row[name] = batch_path.load(
+                        server, target, RECORDS_PER_REQUEST, seconds=seconds, connections=connections, rate=None
+                    )
             row[name]["stored_entries_per_s"] = (stored(server) - stored_before) / row[name]["seconds"]
             # Worker CPU over every record stored (the loads' own figure divides by the accepted ones only).
             row[name]["cpu_us_per_stored_entry"] = (

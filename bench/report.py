@@ -24,6 +24,8 @@ TARGET_DELIVERY_RATIO = 0.5
 TARGET_REPLAY_PER_S = 200_000
 TARGET_HALF_MAX_P99_MS = 10.0
 TARGET_RSS_MB = 150.0
+TARGET_BATCH_TO_SINGLE = 10.0
+TARGET_BATCH_TO_RAW = 0.6
 
 Figure = dict[str, Any]
 
@@ -332,21 +334,101 @@ def _delivery_figures(d: dict[str, Any]) -> list[Figure]:
 
 def _batch_figures(b: dict[str, Any]) -> list[Figure]:
     rounds = b["rounds"]
-    rows = [
-        ("batch_accepted", "NDJSON batches of 100, entries accepted", "entries/s", ("batch", "accepted_entries_per_s")),
-        (
-            "batch_delivered",
-            "NDJSON batches of 100, entries delivered",
+    k = b["settings"]["entries_per_request"]
+
+    def col(*path: str) -> list[float]:
+        values = []
+        for r in rounds:
+            value: Any = r
+            for part in path:
+                value = value[part]
+            values.append(float(value or 0.0))
+        return values
+
+    section = "batch path"
+    out = [
+        _figure(
+            f"batch_sustained_sqlite_{size}",
+            section,
+            f"{size} entries a request, highest sustained rate (SQLite)",
             "entries/s",
-            ("batch", "delivered_entries_per_s"),
-        ),
-        ("batch_single", "single entries, accepted", "entries/s", ("single", "accepted_entries_per_s")),
-        ("batch_raw_sqlite", "raw sqlite3 executemany, 256 a transaction", "rows/s", ("raw_sqlite", "rows_per_s")),
-        ("batch_to_single", "batch / single entries accepted", "x", ("ratios", "batch_to_single")),
+            col(f"sqlite_{size}", "sustained_entries_per_s"),
+        )
+        for size in b["settings"]["sizes"]
+        if f"sqlite_{size}" in rounds[0]
     ]
-    return [
-        _figure(key, "batch path", label, unit, [float(r[a][b_]) for r in rounds]) for key, label, unit, (a, b_) in rows
+    out += [
+        _figure(
+            f"batch_p99_sqlite_{size}",
+            section,
+            f"{size} entries a request, p99 at that rate",
+            "ms",
+            col(f"sqlite_{size}", "sustained_p99_ms"),
+        )
+        for size in b["settings"]["sizes"]
+        if f"sqlite_{size}" in rounds[0]
     ]
+    out.append(
+        _figure(
+            "batch_raw_sqlite",
+            section,
+            "raw sqlite3 executemany, 256 a transaction",
+            "rows/s",
+            col("raw_sqlite", "rows_per_s"),
+        )
+    )
+    ratios = rounds[0]["ratios"]
+    if "batch_to_single" in ratios:
+        out.append(
+            _figure(
+                "batch_to_single",
+                section,
+                f"sustained: {k} a request / single entries (same round)",
+                "x",
+                col("ratios", "batch_to_single"),
+                target=f">= {TARGET_BATCH_TO_SINGLE}",
+                check=lambda m: m >= TARGET_BATCH_TO_SINGLE,
+            )
+        )
+    if "batch_to_raw_sqlite" in ratios:
+        out.append(
+            _figure(
+                "batch_to_raw_sqlite",
+                section,
+                f"sustained: {k} a request / raw sqlite3 executemany (same round)",
+                "x",
+                col("ratios", "batch_to_raw_sqlite"),
+                target=f">= {TARGET_BATCH_TO_RAW}",
+                check=lambda m: m >= TARGET_BATCH_TO_RAW,
+            )
+        )
+    if "batch_to_raw_postgres" in ratios:
+        out += [
+            _figure(
+                f"batch_sustained_postgres_{k}",
+                section,
+                f"{k} entries a request, highest sustained rate (PostgreSQL)",
+                "entries/s",
+                col(f"postgres_{k}", "sustained_entries_per_s"),
+            ),
+            _figure(
+                "batch_raw_postgres",
+                section,
+                "raw psycopg executemany, 256 a transaction",
+                "rows/s",
+                col("raw_postgres", "rows_per_s"),
+            ),
+            _figure(
+                "batch_to_raw_postgres",
+                section,
+                f"sustained: {k} a request / raw psycopg executemany (same round)",
+                "x",
+                col("ratios", "batch_to_raw_postgres"),
+                target=f">= {TARGET_BATCH_TO_RAW}",
+                check=lambda m: m >= TARGET_BATCH_TO_RAW,
+            ),
+        ]
+    return out
 
 
 def _otlp_figures(o: dict[str, Any]) -> list[Figure]:
@@ -665,6 +747,15 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
         written.append(out / "load_curve.csv")
     plots, note = plot(results, out)
     written += plots
+    if "batch_path" in results:
+        # The request-size sweep: batch_sizes.csv always, batch_sizes.png with matplotlib.
+        from .batch_path import write_curve
+
+        for path in write_curve(results["batch_path"], out):
+            written.append(path)
+            if path.suffix == ".png":
+                plots.append(path)
+                note += " batch_sizes.png: the batch path's sustained rate and p99 by entries a request."
     results["plots"] = [p.name for p in plots]
     (out / "suite.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "suite.md").write_text(markdown(results, plots, note))

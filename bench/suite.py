@@ -16,11 +16,13 @@ All load comes from this machine over loopback, with wrk (-t2 -c64) and bench/po
 Ratios (write path / ceiling, 429s / ceiling, nginx / direct) are taken within a round,
 then summarised as median, min and max over the rounds. After the rounds: the load
 curves (paced loads at fractions of this run's ceiling, for the plots), the batch path
-(bench.batch_path), OTLP logs against it (bench.otlp), delivery from a WAL backlog
-(bench.delivery) and replay (bench.replay).
+(bench.batch_path: the highest sustained rate for 1, 10, 100 and 1000 entries a request
+against SQLite, 100 a request against PostgreSQL, and the raw drivers' executemany, in
+rounds of their own), OTLP logs against the NDJSON batch path (bench.otlp), delivery from
+a WAL backlog (bench.delivery) and replay (bench.replay).
 
 Writes bench/results/suite.json, suite.md, load_throughput.png, load_p99.png,
-replay.png, load_curve.csv (or, with --quick, the same under bench/results/quick/).
+replay.png, load_curve.csv, batch_sizes.png and batch_sizes.csv (or, with --quick, the same under bench/results/quick/).
 Without matplotlib the plots are skipped and the CSV is all there is; suite.md says so.
 """
 
@@ -172,7 +174,9 @@ def off_http(
     seconds = results["seconds_per_load"]
     if "batch" in only:
         with timed("batch path", durations):
-            results["batch_path"] = batch_path.run(args.rounds, seconds=seconds, workdir=workdir)
+            results["batch_path"] = batch_path.run(
+                args.rounds, seconds=seconds, postgres_url=args.postgres_url, workdir=workdir
+            )
     if "otlp" in only:
         with timed("otlp", durations):
             results["otlp"] = otlp.run(args.rounds, seconds=seconds, workdir=workdir)

@@ -21,7 +21,7 @@ import gevent.event
 
 from . import metrics
 from .backlog import Backlog
-from .entry import Entry, new_payload_id
+from .entry import Entry, new_payload_id, new_payload_ids
 from .errors import WalUnavailable
 from .idempotency import IdempotencyIndex, KeyClaim, Owner
 from .logs import Logger
@@ -306,7 +306,7 @@ class Ingest:
         received_at = time.time()
         entries = [
             Entry(
-                new_payload_id(),
+                payload_id,
                 source,
                 destination,
                 payload,
@@ -316,7 +316,7 @@ class Ingest:
                 # Only a keyed batch needs its shape on disk: replay claims its key again.
                 None if key is None else (position, n),
             )
-            for position, payload in enumerate(payloads)
+            for position, (payload_id, payload) in enumerate(zip(new_payload_ids(n), payloads, strict=True))
         ]
         ids = [entry.payload_id for entry in entries]
         try:
@@ -408,8 +408,8 @@ class Ingest:
         received_at = time.time()
         # Each entry is keyed on its own (batch None): replay claims it as a single entry.
         entries = [
-            Entry(new_payload_id(), source, destination, payload, received_at, subject, key)
-            for payload, key in elements
+            Entry(payload_id, source, destination, payload, received_at, subject, key)
+            for payload_id, (payload, key) in zip(new_payload_ids(n), elements, strict=True)
         ]
         try:
             started = time.perf_counter()

@@ -361,13 +361,15 @@ class PostgresDestination(EntryTable):
         # `destination` is this destination's name rather than the entry's own field (they
         # agree when the queue routes correctly): /query filters on it, so a row stored
         # here must always be visible through this destination.
+        # The entries of one request share their receive time: each is converted once.
+        received = {t: datetime.fromtimestamp(t, UTC) for t in {e.received_at for e in entries}}
         return (
             self._name,
             [e.payload_id for e in entries],
             [e.source for e in entries],
             [e.subject for e in entries],
             [e.idempotency_key for e in entries],
-            [datetime.fromtimestamp(e.received_at, UTC) for e in entries],
+            [received[e.received_at] for e in entries],
             [e.payload.decode("utf-8") for e in entries],
         )
 

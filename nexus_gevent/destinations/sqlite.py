@@ -213,6 +213,8 @@ class SQLiteDestination(EntryTable):
             # `destination` is this destination's name rather than the entry's own field
             # (they agree when the queue routes correctly): /query filters on it, so a
             # row stored here must always be visible through this destination.
+            # The entries of one request share their receive time: each time is formatted once.
+            received = {t: format_timestamp(t) for t in {e.received_at for e in entries}}
             rows = [
                 (
                     e.payload_id,
@@ -220,7 +222,7 @@ class SQLiteDestination(EntryTable):
                     self._name,
                     e.subject,
                     e.idempotency_key,
-                    format_timestamp(e.received_at),
+                    received[e.received_at],
                     e.payload.decode("utf-8"),
                 )
                 for e in entries

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -59,6 +59,17 @@ def encode(kind: int, body: bytes) -> bytes:
     """Frame one record."""
     checked = len(body).to_bytes(4, "little") + bytes((kind,)) + body
     return MAGIC + zlib.crc32(checked).to_bytes(4, "little") + checked
+
+
+def encode_many(kind: int, bodies: Iterable[bytes]) -> bytes:
+    """Frame several records of one kind into one buffer: encode() of each, concatenated."""
+    crc32 = zlib.crc32
+    tag = bytes((kind,))
+    frames = []
+    for body in bodies:
+        checked = len(body).to_bytes(4, "little") + tag + body
+        frames.append(MAGIC + crc32(checked).to_bytes(4, "little") + checked)
+    return b"".join(frames)
 
 
 def _why_not(buf: bytes, pos: int) -> str:

@@ -29,7 +29,7 @@ from .._io_thread import IoThread
 from ..entry import Entry
 from ..errors import WalUnavailable
 from . import records
-from ._frame import Frame, encode
+from ._frame import Frame, encode, encode_many
 from .fold import Fold, mark_status
 from .replay import Progress, ReplayResult, replay_directory
 from .segments import list_segments, read_segment, segment_path
@@ -152,13 +152,11 @@ class Wal:
         self._wait(batch)
 
     def append_many(self, entries: Sequence[Entry]) -> None:
-        """Make several entries durable with one wait (they share a batch)."""
+        """Make several entries durable with one wait: framed in one pass, written in one group commit."""
         if not entries:
             return
-        batch = self._current
-        for entry in entries:
-            batch = self._enqueue(encode(records.ENTRY, records.encode_entry(entry)))
-            batch.entries.append(entry.payload_id)
+        batch = self._enqueue(encode_many(records.ENTRY, records.encode_entries(entries)))
+        batch.entries.extend(entry.payload_id for entry in entries)
         self._wait(batch)
 
     def mark_delivered(self, payload_ids: Sequence[str]) -> None:
