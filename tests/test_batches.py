@@ -17,7 +17,6 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -492,25 +491,8 @@ class BatchWriters:
                     # Not a synchronisation: a pause so a dead port is not hammered.
                     self._stop.wait(0.01)
                     continue
-                self._record(markers, response.status, response.body)
+                self.ledger.record_answer(markers, response.status, response.body)
 
-    def _record(self, markers: Sequence[int], status: int, body: bytes) -> None:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = {}
-        ids = parsed.get("payload_ids") if isinstance(parsed, dict) else None
-        label = str(status) if status in (200, 202) else f"{status}:{parsed.get('error', '?')}"
-        ledger = self.ledger
-        with ledger.lock:
-            for n in markers:
-                ledger.outcomes[label] += 1
-                ledger.outcome_of[n] = label
-            if isinstance(ids, list) and len(ids) == len(markers):
-                for payload_id, n in zip(ids, markers, strict=True):
-                    ledger.answered[payload_id] = n
-                    if status in (202, 429):
-                        ledger.acked[payload_id] = n
 
 
 class TestBatchCrash:

@@ -111,25 +111,6 @@ class Keys:
             return dict(self.answered)
 
 
-def record_answer(ledger: Ledger, markers: list[int], status: int, body: bytes) -> tuple[str, ...]:
-    """Put one answer into `ledger` (single entry or batch); the payload_ids it carried."""
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        parsed = None
-    data = parsed if isinstance(parsed, dict) else {}
-    ids = data.get("payload_ids", [data["payload_id"]] if isinstance(data.get("payload_id"), str) else [])
-    label = str(status) if status in (200, 202) else f"{status}:{data.get('error', '?')}"
-    with ledger.lock:
-        for n in markers:
-            ledger.outcomes[label] += 1
-            ledger.outcome_of[n] = label
-        if isinstance(ids, list) and len(ids) == len(markers):
-            for payload_id, n in zip(ids, markers, strict=True):
-                ledger.answered[payload_id] = n
-                if status in (202, 429):
-                    ledger.acked[payload_id] = n
-    return tuple(ids) if isinstance(ids, list) and len(ids) == len(markers) else ()
 
 
 class MixedWriters:
@@ -192,7 +173,7 @@ class MixedWriters:
                         self.ledger.record_lost(n, exc)
                     self._stop.wait(0.01)
                     continue
-                ids = record_answer(self.ledger, markers, response.status, response.body)
+                ids = self.ledger.record_answer(markers, response.status, response.body)
                 if key is not None and ids and response.status in (200, 202, 429):
                     self.keys.record(key, body, ids)
 

@@ -407,6 +407,28 @@ class Ledger:
                 if status in (202, 429):
                     self.acked[payload_id] = n
 
+    def record_answer(self, markers: Sequence[int], status: int, body: bytes) -> tuple[str, ...]:
+        """Record one answer to a single entry or a batch (markers in element order); the payload_ids it carried."""
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        data: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        single = data.get("payload_id")
+        ids = data.get("payload_ids", [single] if isinstance(single, str) else [])
+        label = str(status) if status in (200, 202) else f"{status}:{data.get('error', '?')}"
+        whole = isinstance(ids, list) and len(ids) == len(markers)
+        with self.lock:
+            for n in markers:
+                self.outcomes[label] += 1
+                self.outcome_of[n] = label
+            if whole:
+                for payload_id, n in zip(ids, markers, strict=True):
+                    self.answered[payload_id] = n
+                    if status in (202, 429):
+                        self.acked[payload_id] = n
+        return tuple(ids) if whole else ()
+
     def record_lost(self, n: int, exc: BaseException) -> None:
         with self.lock:
             self.lost.add(n)
