@@ -49,9 +49,10 @@ from pathlib import Path
 from typing import Any
 
 from nexus_gevent.destinations._sql import format_timestamp
-from nexus_gevent.destinations.sqlite import _INSERT, MIGRATIONS
+from nexus_gevent.destinations.sqlite import MIGRATIONS
 from nexus_gevent.entry import new_payload_ids
 
+from ._sqlite_raw import INSERT as RAW_INSERT
 from .harness import ROOT, Server, cpu_seconds, gunicorn, log, parse_wrk, sqlite_rows
 from .write_path import INBOUND, SERVICE_APP, GaugeSampler, gauge_sum, wait_idle
 
@@ -256,7 +257,7 @@ def raw_sqlite(seconds: float, workdir: Path) -> dict[str, Any]:
                 for pid, payload in zip(ids, payloads, strict=True)
             ]
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_INSERT, batch)
+            conn.executemany(RAW_INSERT, batch)
             conn.execute("COMMIT")
             rows += len(batch)
         elapsed = time.monotonic() - started

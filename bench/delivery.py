@@ -57,6 +57,7 @@ from nexus_gevent.entry import Entry, new_payload_id
 from nexus_gevent.logs import configure_logging, get_logger
 from nexus_gevent.wal import Wal, claim
 
+from ._sqlite_raw import INSERT as RAW_INSERT
 from .harness import log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +257,7 @@ def sqlite_raw(entries: Sequence[Entry], workdir: Path) -> dict[str, float]:
             conn.execute("BEGIN IMMEDIATE")
             delivered_at = format_timestamp(time.time())
             conn.executemany(
-                sqlite_dest._INSERT,
+                RAW_INSERT,
                 [
                     (
                         e.payload_id,

@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nexus_gevent.destinations.sqlite import _INSERT, MIGRATIONS
+from nexus_gevent.destinations.sqlite import MIGRATIONS
 from nexus_gevent.entry import new_payload_id
 
+from ._sqlite_raw import INSERT as RAW_INSERT
 from .harness import ROOT, gunicorn, log, wrk
 from .write_path import BARE_APP, INBOUND, SERVICE_APP
 
@@ -110,7 +111,7 @@ def sqlite_ids(ordered: bool, workdir: Path) -> dict[str, float]:
                 for _ in range(ID_BATCH)
             ]
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_INSERT, rows)
+            conn.executemany(RAW_INSERT, rows)
             conn.execute("COMMIT")
         seconds, after, io_after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF), _io()
     finally:

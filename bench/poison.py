@@ -124,9 +124,7 @@ def main() -> None:
             print(json.dumps(rounds[-1]))
         service.shutdown(10)
     summary = {
-        phase: {
-            key: statistics.median(r[phase][key] for r in rounds) for key in ("p50_ms", "p99_ms", "max_ms")
-        }
+        phase: {key: statistics.median(r[phase][key] for r in rounds) for key in ("p50_ms", "p99_ms", "max_ms")}
         for phase in ("healthy_alone", "healthy_with_poison")
     }
     result = {"settings": vars(args) | {"out": str(args.out)}, "rounds": rounds, "median": summary}

@@ -51,9 +51,7 @@ class TokenBucket:
     `clock` is there for tests; every user of one file must use the same clock.
     """
 
-    def __init__(
-        self, path: Path, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, path: Path, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         if not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"rate must be a positive number, got {rate!r}")
         if burst < 1:
@@ -105,7 +103,6 @@ class TokenBucket:
         if state is not None:
             state.close()
             os.close(self._fd)
-
 
 
 def bucket_file(directory: Path, source: str) -> Path:

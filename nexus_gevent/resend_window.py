@@ -154,4 +154,3 @@ class ResendWindow:
             hint.close()
             os.close(self._fd)
         self._db.close()
-

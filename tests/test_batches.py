@@ -494,7 +494,6 @@ class BatchWriters:
                 self.ledger.record_answer(markers, response.status, response.body)
 
 
-
 class TestBatchCrash:
     """kill -9 while batches are being written: every acknowledged payload_id of every batch exactly once."""
 

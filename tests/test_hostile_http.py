@@ -374,9 +374,7 @@ class TestBodyTimeout:
         # Given a service with a one-second body timeout
         server = launcher(workers=1, env={"NEXUS_BODY_TIMEOUT": "1"}, data_dir=tmp_path / "body-timeout")
         server.wait_ready()
-        head = request_bytes(
-            "POST", "/inbound/default", b'{"n": ', headers=auth(), content_length=100, close=False
-        )
+        head = request_bytes("POST", "/inbound/default", b'{"n": ', headers=auth(), content_length=100, close=False)
         # When a client sends the start of its body and then nothing
         with socket.create_connection((HOST, server.port), timeout=PROMPT) as sock:
             sock.sendall(head)

@@ -579,7 +579,6 @@ class TestUnstorableAtIngest:
         finally:
             service.shutdown(10)
 
-
     def test_a_batch_with_one_element_jsonb_cannot_hold_is_refused_whole(
         self, tmp_path: Path, postgres_db_url: str
     ) -> None:

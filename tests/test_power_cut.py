@@ -111,8 +111,6 @@ class Keys:
             return dict(self.answered)
 
 
-
-
 class MixedWriters:
     """Threads that POST single entries and batches, some with an Idempotency-Key, until stopped."""
 

@@ -10,9 +10,12 @@ from pathlib import Path
 import gevent  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nexus_gevent import _sqlite_thread
 from nexus_gevent.destinations import open_destination, sqlite_path
+from nexus_gevent.destinations import sqlite as sqlite_dest
 from nexus_gevent.destinations._sql import decode_cursor, encode_cursor
 from nexus_gevent.destinations.sqlite import SCHEMA_VERSION, SQLiteDestination, classify_sqlite_error
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
@@ -186,6 +189,51 @@ class TestWrite:
         """A batch of 2,000 entries lands whole."""
         dest.write([numbered_entry(i) for i in range(2000)])
         assert dest.count() == 2000
+
+    @pytest.mark.parametrize(
+        "payload",
+        [
+            b'{"emoji":"\xf0\x9f\xa6\x8a","cjk":"\xe6\x97\xa5\xe6\x9c\xac"}',
+            b'{ "spaced" : [ 1 , 2.50 , 1e3 ] ,\t"quote":"a\\"b\\\\c" }',
+            b'{"escapes":"\\u0000\\n\\t\\ud83e\\udd8a\\/","big":12345678901234567890123}',
+            b'{"nested":{"a":{"b":[{"c":null}]}},"t":true,"f":false}',
+        ],
+    )
+    def test_payload_text_is_stored_byte_for_byte(self, dest: SQLiteDestination, db_path: str, payload: bytes) -> None:
+        """The stored payload is the JSON text as sent: spacing, escapes, digits and non-ASCII kept."""
+        dest.write([numbered_entry(1), numbered_entry(2, payload=payload)])
+        stored = raw(db_path).execute("SELECT payload FROM nexus_entries ORDER BY seq").fetchall()
+        assert [row[0].encode("utf-8") for row in stored] == [b'{"n":1}', payload]
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.dictionaries(
+            st.text(max_size=8), st.text(max_size=20) | st.integers(-(2**63), 2**63 - 1) | st.none(), max_size=4
+        )
+    )
+    def test_any_object_round_trips_through_the_row(
+        self, tmp_path_factory: pytest.TempPathFactory, value: dict[str, object]
+    ) -> None:
+        """Whatever strings a payload holds, the row's payload is the entry's text exactly."""
+        db = str(tmp_path_factory.mktemp("rt") / "nexus.db")
+        d = SQLiteDestination(DEST, db)
+        try:
+            payload = orjson.dumps(value)
+            d.write([numbered_entry(1, payload=payload)])
+            assert raw(db).execute("SELECT payload FROM nexus_entries").fetchone()[0].encode("utf-8") == payload
+        finally:
+            d.close()
+
+    def test_a_transaction_over_several_statements_keeps_seq_in_entry_order(
+        self, dest: SQLiteDestination, db_path: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Split into many INSERT statements, a transaction stores every row, seq unique and in the entries' order."""
+        monkeypatch.setattr(sqlite_dest, "CHUNK_BYTES", 50)
+        dest.write([numbered_entry(i) for i in range(10)])
+        dest.write([numbered_entry(i) for i in range(5, 30)])  # 5-9 known: skipped, the rest follow
+        rows = raw(db_path).execute("SELECT payload_id, seq FROM nexus_entries ORDER BY seq").fetchall()
+        assert [pid for pid, _ in rows] == [f"{i:032x}" for i in range(30)]
+        assert len({seq for _, seq in rows}) == 30
 
     def test_a_batch_is_all_or_nothing(self, dest: SQLiteDestination) -> None:
         """One refused entry rolls back the whole batch and the connection stays usable."""

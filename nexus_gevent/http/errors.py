@@ -122,9 +122,7 @@ def unavailable(code: str, message: str) -> ErrorHandler:
     """A handler answering 503 `code` with Retry-After 1 for a domain error meaning "not now"."""
 
     def handler(req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]) -> None:
-        raise ApiError(
-            falcon.HTTP_503, code, message, details={"reason": str(ex)[:200]}, retry_after=1
-        ) from None
+        raise ApiError(falcon.HTTP_503, code, message, details={"reason": str(ex)[:200]}, retry_after=1) from None
 
     return handler
 
