@@ -93,17 +93,20 @@ class TestSchema:
         assert [name for name, row in info.items() if row[5]] == ["payload_id"]
         assert info["payload_id"][2] == "TEXT"
 
-    def test_pragmas_are_wal_full_and_busy_timeout(self, db_path: str) -> None:
-        """The file is in WAL mode; the connection syncs FULL and waits busy_timeout for locks."""
+    def test_pragmas_are_wal_full_busy_timeout_and_checkpoint_interval(self, db_path: str) -> None:
+        """WAL mode; the connection syncs FULL, waits busy_timeout for locks, checkpoints every 10,000 pages."""
         d = SQLiteDestination(DEST, db_path, busy_timeout_ms=1234)
         try:
             d.probe()
 
             def settings(conn: sqlite3.Connection) -> tuple[object, ...]:
                 # Run in the destination's own thread, where the connection lives.
-                return tuple(conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("synchronous", "busy_timeout"))
+                return tuple(
+                    conn.execute(f"PRAGMA {p}").fetchone()[0]
+                    for p in ("synchronous", "busy_timeout", "wal_autocheckpoint")
+                )
 
-            assert d._run(settings) == (2, 1234)  # 2 is FULL
+            assert d._run(settings) == (2, 1234, sqlite_dest.WAL_AUTOCHECKPOINT_PAGES)  # 2 is FULL
             assert raw(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         finally:
             d.close()

@@ -92,6 +92,15 @@ _NEXT_SEQ = "SELECT COALESCE(MAX(seq), 0) + 1 FROM nexus_entries"
 #: array makes of a transaction of large entries, at one more GIL wait a chunk.
 CHUNK_BYTES = 1 << 20
 
+#: Pages of SQLite's WAL after which a commit copies them back into the database file
+#: (SQLite's default: 1000, 4 MB). Every transaction rewrites the last pages of the
+#: table and of its four indexes, so a longer interval copies each of those pages back
+#: once instead of many times: sustained 100-entry batches 72-74k entries/s against
+#: 59-66k with the default (bench/batch_path.py probes, same minutes). The cost: a WAL
+#: file of up to about 40 MB beside the database, and a longer pause for the one
+#: commit that checkpoints (the other worker keeps writing meanwhile).
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+
 # Primary result codes meaning "the database cannot take writes right now", none of
 # them the entry's fault. CORRUPT and NOTADB are included on purpose: a damaged file
 # needs an operator, and turning every entry into a dead letter meanwhile would not help.
@@ -295,6 +304,7 @@ def _prepare(conn: sqlite3.Connection) -> None:
     mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
     if mode.lower() != "wal":
         raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     migrate(conn)
 
 
