@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import gevent  # type: ignore[import-untyped, unused-ignore]
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from nexus_gevent import _sqlite_thread
 from nexus_gevent.destinations import open_destination, sqlite_path
 from nexus_gevent.destinations import sqlite as sqlite_dest
-from nexus_gevent.destinations._sql import decode_cursor, encode_cursor
+from nexus_gevent.destinations._sql import decode_cursor, encode_cursor, format_timestamp
 from nexus_gevent.destinations.sqlite import SCHEMA_VERSION, SQLiteDestination, classify_sqlite_error
 from nexus_gevent.errors import ConfigError, DestinationUnavailable, EntryRejected
 from tests.support.destinations import DEST, RECORD_KEYS, TIMESTAMP, numbered_entry, page_through
@@ -461,6 +462,12 @@ class TestQuery:
         """Cursors not made by this destination (bad base64, wrong prefix, negative, empty, huge) raise ValueError."""
         with pytest.raises(ValueError):
             dest.query(after=cursor)
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.floats(min_value=0, max_value=2**32, allow_nan=False) | st.integers(0, 2**32).map(lambda n: n + 0.5e-6))
+    def test_timestamps_are_formatted_as_datetime_formats_them(self, epoch: float) -> None:
+        """format_timestamp gives datetime's own text for any time, rounding included."""
+        assert format_timestamp(epoch) == datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     def test_cursor_round_trips(self) -> None:
         """decode_cursor inverts encode_cursor."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -38,8 +40,26 @@ _TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def format_timestamp(epoch_seconds: float) -> str:
-    """UTC ISO-8601 with microseconds and 'Z', e.g. 2026-11-28T06:24:10.123456Z."""
-    return datetime.fromtimestamp(epoch_seconds, UTC).strftime(_TIMESTAMP_FORMAT)
+    """UTC ISO-8601 with microseconds and 'Z', e.g. 2026-11-28T06:24:10.123456Z.
+
+    The same text as datetime.fromtimestamp(epoch_seconds, UTC).strftime(...), which
+    cost 2.4 us a call: every single-entry write formats its receive time in the SQLite
+    thread, GIL held. The microseconds are rounded as datetime rounds them (half to
+    even, carried into the seconds), and the part up to the seconds is formatted once
+    a second.
+    """
+    fraction, whole = math.modf(epoch_seconds)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return f"{_seconds_text(int(whole))}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _seconds_text(epoch_seconds: int) -> str:
+    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def format_datetime(value: datetime) -> str:
