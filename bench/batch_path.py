@@ -18,8 +18,9 @@ Each round, the order of its parts alternating from round to round:
 - the same search for k = BATCH_ENTRIES against PostgreSQL (a private server from the
   installed binaries, fsync on, a fresh database each load; or --postgres-url);
 - the raw driver rates with the same rows (the service's own payload ids, made by
-  nexus_gevent.entry.new_payload_ids): sqlite3's executemany of the destination's
-  own INSERT, TRANSACTION_ROWS rows a transaction, synchronous=FULL, WAL journal; and
+  nexus_gevent.entry.new_payload_ids): sqlite3's executemany of a row-at-a-time INSERT
+  into the destination's table (bench/_sqlite_raw.py), TRANSACTION_ROWS rows a
+  transaction, synchronous=FULL, WAL journal (SQLite's default checkpoints); and
   psycopg's executemany, TRANSACTION_ROWS rows a transaction, into the destination's own
   table on the same PostgreSQL server.
 

@@ -14,7 +14,8 @@ Each round, for each destination:
   the end costs nothing; replay is included, and reported apart.
 - **raw**: the same N rows inserted by the driver alone, 256 per transaction, into the same
   `nexus_entries` table (created by the destination's own migration):
-  - SQLite: `executemany` of the destination's INSERT, WAL mode, `synchronous=FULL`;
+  - SQLite: `executemany` of a row-at-a-time INSERT into the destination's table
+    (bench/_sqlite_raw.py), WAL mode, `synchronous=FULL`;
   - PostgreSQL: `executemany` (psycopg pipelines it), plus for reference `COPY` (which
     cannot skip a known payload_id) and the destination's own unnest INSERT under its
     advisory write lock (the service's SQL without the service).
@@ -245,7 +246,7 @@ def sqlite_service(entries: Sequence[Entry], workdir: Path, timeout: float) -> d
 
 
 def sqlite_raw(entries: Sequence[Entry], workdir: Path) -> dict[str, float]:
-    """executemany of the destination's INSERT, 256 rows per BEGIN IMMEDIATE/COMMIT, WAL + synchronous=FULL."""
+    """executemany of bench/_sqlite_raw.py's INSERT, 256 rows per BEGIN IMMEDIATE/COMMIT, WAL + synchronous=FULL."""
     path = workdir / "raw.db"
     conn = sqlite3.connect(path, isolation_level=None)
     try:

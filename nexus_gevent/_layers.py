@@ -69,7 +69,7 @@ class Layers:
 
     def seconds(self, key: str, default: float) -> float:
         """A finite, non-negative number of seconds."""
-        return self.read(key, default, _seconds)
+        return self.read(key, default, parse_seconds)
 
     def flag(self, key: str, default: bool) -> bool:
         """A TOML boolean, or one of the words in _TRUE / _FALSE in the environment."""
@@ -144,7 +144,8 @@ def _text(value: object, where: str) -> str:
     return value
 
 
-def _seconds(value: object, where: str) -> float:
+def parse_seconds(value: object, where: str) -> float:
+    """A finite, non-negative number of seconds; ConfigError naming `where` otherwise."""
     number = (
         float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _from_text(value, float)
     )

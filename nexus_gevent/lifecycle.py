@@ -72,6 +72,7 @@ def assemble(settings: Settings, logger: Logger) -> Service:
             QueueConfig(
                 size=settings.queue_size,
                 workers=settings.queue_workers,
+                linger=settings.delivery_linger,
                 max_attempts=settings.max_attempts,
                 initial_backoff=settings.initial_backoff,
                 on_processed=_counting(meter),

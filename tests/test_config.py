@@ -65,6 +65,7 @@ class TestDefaults:
 
         assert settings.queue_size == 10000
         assert settings.queue_workers == 4
+        assert settings.delivery_linger == 0.05
         assert settings.max_attempts == 5
         assert settings.initial_backoff == 1.0
         assert settings.drain_timeout == 20.0
@@ -111,6 +112,7 @@ class TestEnvironment:
             "NEXUS_ADMIN_TOKEN": "admin-token",
             "NEXUS_QUEUE_SIZE": "123",
             "NEXUS_QUEUE_WORKERS": "7",
+            "NEXUS_DELIVERY_LINGER": "0",
             "NEXUS_MAX_ATTEMPTS": "9",
             "NEXUS_INITIAL_BACKOFF": "0.25",
             "NEXUS_DRAIN_TIMEOUT": "5",
@@ -131,6 +133,7 @@ class TestEnvironment:
             admin_token="admin-token",
             queue_size=123,
             queue_workers=7,
+            delivery_linger=0.0,
             max_attempts=9,
             initial_backoff=0.25,
             drain_timeout=5.0,
@@ -370,6 +373,8 @@ class TestValidation:
             ({"NEXUS_INITIAL_BACKOFF": "soon"}, "NEXUS_INITIAL_BACKOFF must be a number"),
             ({"NEXUS_INITIAL_BACKOFF": "-1"}, "NEXUS_INITIAL_BACKOFF must not be negative"),
             ({"NEXUS_DRAIN_TIMEOUT": "inf"}, "NEXUS_DRAIN_TIMEOUT must be a number"),
+            ({"NEXUS_DELIVERY_LINGER": "-0.1"}, "NEXUS_DELIVERY_LINGER must not be negative"),
+            ({"NEXUS_DELIVERY_LINGER": "11"}, "NEXUS_DELIVERY_LINGER must be at most 10 seconds"),
             ({"NEXUS_IDEMPOTENCY_WINDOW": "nan"}, "NEXUS_IDEMPOTENCY_WINDOW must be a number"),
             ({"NEXUS_SHED_POLICY": "drop"}, "NEXUS_SHED_POLICY must be 'durable' or 'reject'"),
             ({"NEXUS_LOG_LEVEL": "verbose"}, "NEXUS_LOG_LEVEL: unknown log level"),

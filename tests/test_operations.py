@@ -213,8 +213,9 @@ class TestMetrics:
 
     def test_queue_depth_gauge_is_a_live_sum_over_the_workers(self, launch: Launcher) -> None:
         """While delivery is paused, nexus_queue_depth is the sum of the workers' queue depths, live."""
-        # Given two workers with one delivery greenlet each, and a locked destination
-        server = ready(launch(env={"NEXUS_QUEUE_WORKERS": "1"}))
+        # Given two workers with one delivery greenlet each, and a locked destination; no
+        # linger, so that each greenlet takes the first entry that reaches it at once
+        server = ready(launch(env={"NEXUS_QUEUE_WORKERS": "1", "NEXUS_DELIVERY_LINGER": "0"}))
         ledger = Ledger()
         with locked(server.db_path):
             # When writes reach both workers and wait there (one held by the stalled write, the rest queued)

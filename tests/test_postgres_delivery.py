@@ -354,9 +354,10 @@ class TestOutage:
     ) -> None:
         """Queue of 50, PostgreSQL down: 202 until it is full, then 429 with payload_id; all stored once after."""
         # Given one worker with a queue of 50 entries delivering to PostgreSQL, which is stopped
-        server = launch(
-            workers=1, env={"NEXUS_DESTINATION_URL": postgres_db_url, "NEXUS_QUEUE_SIZE": "50", **FAST_RETRIES}
-        )
+        # (no linger: each delivery greenlet takes the first entry that reaches it, and is
+        # then held by the outage; with one, a greenlet could empty the full queue once)
+        env = {"NEXUS_DESTINATION_URL": postgres_db_url, "NEXUS_QUEUE_SIZE": "50", "NEXUS_DELIVERY_LINGER": "0"}
+        server = launch(workers=1, env={**env, **FAST_RETRIES})
         server.wait_ready()
         worker = server.worker_pids()
         managed_postgres.stop("fast")

@@ -394,6 +394,45 @@ class TestBatching:
         pids = ids(entries)
         assert h.destination.batches == [tuple(pids[0:1]), tuple(pids[1:4]), tuple(pids[4:7]), tuple(pids[7:8])]
 
+    def test_entries_arriving_during_the_linger_share_the_first_ones_write(self, start: Callable[..., Harness]) -> None:
+        """With a linger, a worker woken by one entry waits for more and writes them all at once, in order."""
+        # Given: the worker woke for the first entry and lingers (idle: nothing else can
+        # run; enqueue never yields, so the linger cannot end before the rest are in)
+        h = start(workers=1, linger=0.2)
+        entries = h.enqueue_new(1)
+        gevent.idle()
+        # When
+        entries += h.enqueue_new(5)
+        wait_until(lambda: len(h.destination.delivered) == 6)
+        # Then
+        assert h.destination.batches == [tuple(ids(entries))]
+
+    def test_lingering_workers_keep_the_queue_order(self, start: Callable[..., Harness]) -> None:
+        """Several workers lingering over entries that trickle in still store them in the order they came."""
+        h = start(workers=4, linger=0.2)
+        entries: list[Entry] = []
+        for _ in range(8):
+            entries += h.enqueue_new(1)
+            gevent.idle()  # every worker that can wake has woken and lingers
+        wait_until(lambda: len(h.destination.delivered) == 8)
+        assert h.destination.delivered == ids(entries)
+
+    def test_a_full_batch_is_written_without_lingering(self, start: Callable[..., Harness]) -> None:
+        """A worker that can fill a whole batch at once writes it at once, whatever the linger."""
+        h = start(workers=1, batch_max=3, linger=60)
+        entries = h.enqueue_new(3)
+        wait_until(lambda: len(h.destination.delivered) == 3, timeout=10)
+        assert h.destination.batches == [tuple(ids(entries))]
+
+    def test_a_drain_ends_the_linger_and_delivers_at_once(self, start: Callable[..., Harness]) -> None:
+        """A drain does not wait out a linger: what is buffered is written and the drain returns in time."""
+        h = start(workers=1, linger=60)
+        entries = h.enqueue_new(1)
+        gevent.idle()
+        assert h.destination.delivered == []
+        assert h.queue.drain(timeout=10)
+        assert h.destination.delivered == ids(entries)
+
     def test_poison_entry_does_not_hold_back_healthy_neighbours(self, start: Callable[..., Harness]) -> None:
         """A failed batch is split at once: healthy neighbours are delivered without a backoff wait."""
         # Given: five entries in one batch, the middle one poison, a 5 s backoff
