@@ -63,6 +63,9 @@ DEFAULT_BATCH_MAX = 1024
 #: writes. 0 (the spec's behaviour) writes at once; the service passes its
 #: NEXUS_DELIVERY_LINGER.
 DEFAULT_LINGER = 0.0
+#: Entries already waiting that make a worker skip its linger: under a steady heavy load
+#: they build up during each write, and waiting longer would only slow delivery down.
+LINGER_ENOUGH = 256
 #: Probing an unavailable destination: first wait, and the cap of its doubling.
 PROBE_INITIAL = 0.2
 PROBE_MAX = 5.0
@@ -124,8 +127,9 @@ class QueueConfig:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     initial_backoff: float = DEFAULT_INITIAL_BACKOFF
     batch_max: int = DEFAULT_BATCH_MAX
-    #: Wait this long after the first entry of a batch for more (unless a full batch is
-    #: already buffered or a drain began): fewer, larger destination transactions.
+    #: Wait this long after the first entry of a batch for more (unless LINGER_ENOUGH
+    #: entries or a full batch are already buffered, or a drain began): fewer, larger
+    #: destination transactions at a light or steady load.
     linger: float = DEFAULT_LINGER
     probe_initial: float = PROBE_INITIAL
     probe_max: float = PROBE_MAX
@@ -281,7 +285,7 @@ class Queue:
                 # just before it (the wake-up had not run yet); those are still owed.
                 if not self._q.qsize():
                     return
-            if self._cfg.linger > 0 and self._q.qsize() < self._cfg.batch_max:
+            if self._cfg.linger > 0 and self._q.qsize() < min(self._cfg.batch_max, LINGER_ENOUGH):
                 # A drain sets _done: it ends the wait at once, for the drain's deadline.
                 self._done.wait(self._cfg.linger)
             batch: list[Entry] = []

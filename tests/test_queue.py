@@ -424,6 +424,16 @@ class TestBatching:
         wait_until(lambda: len(h.destination.delivered) == 3, timeout=10)
         assert h.destination.batches == [tuple(ids(entries))]
 
+    def test_a_worker_finding_enough_entries_waiting_does_not_linger(
+        self, start: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Under a steady heavy load (LINGER_ENOUGH entries already buffered) a worker writes at once."""
+        monkeypatch.setattr(queue_module, "LINGER_ENOUGH", 5)
+        h = start(workers=1, linger=60)
+        entries = h.enqueue_new(5)
+        wait_until(lambda: len(h.destination.delivered) == 5, timeout=10)
+        assert h.destination.batches == [tuple(ids(entries))]
+
     def test_a_drain_ends_the_linger_and_delivers_at_once(self, start: Callable[..., Harness]) -> None:
         """A drain does not wait out a linger: what is buffered is written and the drain returns in time."""
         h = start(workers=1, linger=60)
