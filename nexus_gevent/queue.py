@@ -59,8 +59,8 @@ ACK_FLUSH_COUNT = 50
 #: a batch holds a worker for tens of milliseconds. 1024 rather than 256: at saturation the
 #: commits, not the rows, were most of the SQLite write lock's time (bench/batch_path.py).
 DEFAULT_BATCH_MAX = 1024
-#: Seconds a delivery greenlet waits, once it has an entry, for more to arrive before it
-#: writes. 0 (the spec's behaviour) writes at once; the service passes its
+#: Seconds a delivery greenlet waits, once an entry is buffered, for more to arrive before
+#: it takes them. 0 (the spec's behaviour) takes them at once; the service passes its
 #: NEXUS_DELIVERY_LINGER.
 DEFAULT_LINGER = 0.0
 #: Entries already waiting that make a worker skip its linger: under a steady heavy load
