@@ -378,30 +378,22 @@ def _batch_figures(b: dict[str, Any]) -> list[Figure]:
         )
     )
     ratios = rounds[0]["ratios"]
+
+    def ratio(key: str, against: str, target: float) -> Figure:
+        return _figure(
+            key,
+            section,
+            f"sustained: {k} a request / {against} (same round)",
+            "x",
+            col("ratios", key),
+            target=f">= {target}",
+            check=lambda m: m >= target,
+        )
+
     if "batch_to_single" in ratios:
-        out.append(
-            _figure(
-                "batch_to_single",
-                section,
-                f"sustained: {k} a request / single entries (same round)",
-                "x",
-                col("ratios", "batch_to_single"),
-                target=f">= {TARGET_BATCH_TO_SINGLE}",
-                check=lambda m: m >= TARGET_BATCH_TO_SINGLE,
-            )
-        )
+        out.append(ratio("batch_to_single", "single entries", TARGET_BATCH_TO_SINGLE))
     if "batch_to_raw_sqlite" in ratios:
-        out.append(
-            _figure(
-                "batch_to_raw_sqlite",
-                section,
-                f"sustained: {k} a request / raw sqlite3 executemany (same round)",
-                "x",
-                col("ratios", "batch_to_raw_sqlite"),
-                target=f">= {TARGET_BATCH_TO_RAW}",
-                check=lambda m: m >= TARGET_BATCH_TO_RAW,
-            )
-        )
+        out.append(ratio("batch_to_raw_sqlite", "raw sqlite3 executemany", TARGET_BATCH_TO_RAW))
     if "batch_to_raw_postgres" in ratios:
         out += [
             _figure(
@@ -418,15 +410,7 @@ def _batch_figures(b: dict[str, Any]) -> list[Figure]:
                 "rows/s",
                 col("raw_postgres", "rows_per_s"),
             ),
-            _figure(
-                "batch_to_raw_postgres",
-                section,
-                f"sustained: {k} a request / raw psycopg executemany (same round)",
-                "x",
-                col("ratios", "batch_to_raw_postgres"),
-                target=f">= {TARGET_BATCH_TO_RAW}",
-                check=lambda m: m >= TARGET_BATCH_TO_RAW,
-            ),
+            ratio("batch_to_raw_postgres", "raw psycopg executemany", TARGET_BATCH_TO_RAW),
         ]
     return out
 

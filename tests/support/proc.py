@@ -369,6 +369,17 @@ class KeepAlive:
             self._conn = None
 
 
+def _answer(status: int, body: bytes) -> tuple[dict[str, Any], str]:
+    """An answer's JSON object ({} if it has none) and its Ledger label ("202", "429:queue_full")."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    data: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+    label = str(status) if status in (200, 202) else f"{status}:{data.get('error', '?')}"
+    return data, label
+
+
 @dataclass
 class Ledger:
     """What the client sent and what the service answered, keyed by the body's marker `n`.
@@ -392,13 +403,8 @@ class Ledger:
             self.sent.add(n)
 
     def record_response(self, n: int, status: int, body: bytes) -> None:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        data: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        data, label = _answer(status, body)
         payload_id = data.get("payload_id")
-        label = str(status) if status in (200, 202) else f"{status}:{data.get('error', '?')}"
         with self.lock:
             self.outcomes[label] += 1
             self.outcome_of[n] = label
@@ -409,14 +415,9 @@ class Ledger:
 
     def record_answer(self, markers: Sequence[int], status: int, body: bytes) -> tuple[str, ...]:
         """Record one answer to a single entry or a batch (markers in element order); the payload_ids it carried."""
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        data: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        data, label = _answer(status, body)
         single = data.get("payload_id")
         ids = data.get("payload_ids", [single] if isinstance(single, str) else [])
-        label = str(status) if status in (200, 202) else f"{status}:{data.get('error', '?')}"
         whole = isinstance(ids, list) and len(ids) == len(markers)
         with self.lock:
             for n in markers:
